@@ -1,0 +1,182 @@
+"""The four model families of the distorted-MNIST study (paper Sect. 4.1 / shared paper.md §2).
+
+FCN:    FC(h1) → ReLU → FC(h2) → ReLU → FC(10)
+CNN:    conv9×9(c1) → ReLU → maxpool2 → conv7×7(c2) → ReLU → maxpool2 → FC(10)
+ST-FCN: spatial transformer (FC 32-32-32 localisation net) → FCN
+ST-CNN: spatial transformer (2× downsample → conv5×5(20) → maxpool2 → conv5×5(20) → FC20) → CNN
+
+Every network of one distortion gets about the same number of parameters (the paper's rule):
+``build_net`` sizes each classifier so that localisation net + classifier lands on the
+distortion's budget, by scaling the configured base widths by one common factor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from src.stn.transformer import SpatialTransformer
+
+N_CLASSES = 10
+
+
+def count_params(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def fcn(in_hw: tuple[int, int], widths: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()]
+    d = in_hw[0] * in_hw[1]
+    for w in widths:
+        layers += [nn.Linear(d, w), nn.ReLU()]
+        d = w
+    return nn.Sequential(*layers, nn.Linear(d, N_CLASSES))
+
+
+def _pooled(n: int, ceil_mode: bool) -> int:
+    return -(-n // 2) if ceil_mode else n // 2
+
+
+def cnn_feature_size(in_hw: tuple[int, int], ceil_mode: bool) -> tuple[int, int]:
+    """Spatial size after conv9 → pool → conv7 → pool (raises if a map would be empty)."""
+    out = []
+    for n in in_hw:
+        n = _pooled(n - 8, ceil_mode)
+        n = _pooled(n - 6, ceil_mode) if n >= 7 else 0
+        if n < 1:
+            raise ValueError(f"CNN input {in_hw} is too small for conv9-pool-conv7-pool (ceil_mode={ceil_mode})")
+        out.append(n)
+    return out[0], out[1]
+
+
+def cnn(in_hw: tuple[int, int], widths: list[int], ceil_mode: bool = True) -> nn.Sequential:
+    c1, c2 = widths
+    h, w = cnn_feature_size(in_hw, ceil_mode)
+    return nn.Sequential(
+        nn.Conv2d(1, c1, 9), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=ceil_mode),
+        nn.Conv2d(c1, c2, 7), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=ceil_mode),
+        nn.Flatten(), nn.Linear(c2 * h * w, N_CLASSES),
+    )
+
+
+def fcn_loc(in_hw: tuple[int, int], widths: list[int]) -> tuple[nn.Sequential, int]:
+    """ST-FCN localisation net: FC layers with ReLU (paper: 3 × 32)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    d = in_hw[0] * in_hw[1]
+    for w in widths:
+        layers += [nn.Linear(d, w), nn.ReLU()]
+        d = w
+    return nn.Sequential(*layers), d
+
+
+def cnn_loc(in_hw: tuple[int, int], filters: int = 20, fc: int = 20, downsample: str = "avgpool2") -> tuple[nn.Sequential, int]:
+    """ST-CNN localisation net on the 2× downsampled input: conv5 → pool → conv5 → FC."""
+    if downsample == "avgpool2":
+        down: nn.Module = nn.AvgPool2d(2)
+    elif downsample == "bilinear":
+        down = nn.Upsample(scale_factor=0.5, mode="bilinear", align_corners=False)
+    else:
+        raise ValueError(f"loc_downsample must be 'avgpool2' or 'bilinear', got {downsample!r}")
+    h, w = (n // 2 for n in in_hw)
+    h, w = (h - 4) // 2 - 4, (w - 4) // 2 - 4
+    if min(h, w) < 1:
+        raise ValueError(f"ST-CNN localisation net needs a larger input than {in_hw}")
+    net = nn.Sequential(
+        down, nn.Conv2d(1, filters, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(filters, filters, 5), nn.ReLU(), nn.Flatten(), nn.Linear(filters * h * w, fc), nn.ReLU(),
+    )
+    return net, fc
+
+
+class Net(nn.Module):
+    """An optional spatial transformer followed by a classifier. ``forward`` returns logits."""
+
+    def __init__(self, classifier: nn.Module, st: SpatialTransformer | None = None):
+        super().__init__()
+        self.st = st
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.st(x)[0] if self.st is not None else x)
+
+    def forward_st(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(logits, θ, transformer output); θ and output are None for a plain network."""
+        if self.st is None:
+            return self.classifier(x), None, None
+        y, theta = self.st(x)
+        return self.classifier(y), theta, y
+
+    def param_counts(self) -> dict[str, int]:
+        st = count_params(self.st)
+        return {"total": count_params(self), "classifier": count_params(self.classifier), "st": st}
+
+
+CLASSIFIERS = {"fcn": fcn, "cnn": cnn}
+
+
+def _classifier(family: str, in_hw, widths: list[int], ceil_mode: bool) -> nn.Module:
+    if family not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier family {family!r}; choose one of {sorted(CLASSIFIERS)}")
+    return fcn(in_hw, widths) if family == "fcn" else cnn(in_hw, widths, ceil_mode)
+
+
+def classifier_params(family: str, in_hw, widths: list[int], ceil_mode: bool = True) -> int:
+    """Parameter count of a classifier, in closed form (``tests`` check it against the module)."""
+    if family == "fcn":
+        dims = [in_hw[0] * in_hw[1], *widths, N_CLASSES]
+        return sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))
+    if family == "cnn":
+        c1, c2 = widths
+        h, w = cnn_feature_size(in_hw, ceil_mode)
+        return (81 * c1 + c1) + (49 * c1 * c2 + c2) + (c2 * h * w * N_CLASSES + N_CLASSES)
+    raise ValueError(f"unknown classifier family {family!r}; choose one of {sorted(CLASSIFIERS)}")
+
+
+def fit_widths(family: str, in_hw, base_widths: list[int], target: int, ceil_mode: bool = True) -> list[int]:
+    """Widths near the base ratios whose classifier has about ``target`` parameters.
+
+    Deterministic: scales all widths by a common factor (first width 1..8×base) and lets the last
+    width move ±10 % around its scaled value, keeping the count closest to the target.
+    """
+    if target <= 0:
+        raise ValueError(f"parameter budget leaves no room for the classifier (target {target})")
+
+    def candidates():
+        for k in range(1, 8 * base_widths[0] + 1):
+            ws = [max(1, round(k * w / base_widths[0])) for w in base_widths]
+            r = max(1, ws[-1] // 10)
+            for last in range(max(1, ws[-1] - r), ws[-1] + r + 1):
+                yield [*ws[:-1], last]
+
+    return min(candidates(), key=lambda ws: abs(classifier_params(family, in_hw, ws, ceil_mode) - target))
+
+
+def build_net(model_cfg, in_hw: tuple[int, int], budget: int | None, stn_cfg, st_downsample: int = 1) -> Net:
+    """Build one network of the study from its model config.
+
+    ``model_cfg``: family (fcn|cnn), widths, ceil_mode, transform (null|aff|proj|tps), loc (fcn|cnn),
+    loc_widths / loc_filters / loc_fc.  ``budget``: total parameter count to match, or None to keep
+    the configured widths.  ``stn_cfg``: shared transformer conventions (align_corners, padding_mode,
+    proj_eps, tps_grid, tps_span, downsample_mode, loc_downsample).
+    """
+    in_hw = (int(in_hw[0]), int(in_hw[1]))
+    st = None
+    if model_cfg.get("transform"):
+        if model_cfg.loc == "fcn":
+            loc, loc_dim = fcn_loc(in_hw, list(model_cfg.loc_widths))
+        elif model_cfg.loc == "cnn":
+            loc, loc_dim = cnn_loc(in_hw, model_cfg.loc_filters, model_cfg.loc_fc, stn_cfg.loc_downsample)
+        else:
+            raise ValueError(f"unknown localisation net {model_cfg.loc!r}; choose 'fcn' or 'cnn'")
+        st = SpatialTransformer(
+            loc, loc_dim, model_cfg.transform, in_hw, downsample=st_downsample,
+            downsample_mode=stn_cfg.downsample_mode, align_corners=stn_cfg.align_corners,
+            padding_mode=stn_cfg.padding_mode, proj_eps=stn_cfg.proj_eps,
+            tps_grid=stn_cfg.tps_grid, tps_span=stn_cfg.tps_span,
+        )
+    cls_hw = st.out_hw if st is not None else in_hw
+    widths = list(model_cfg.widths)
+    ceil_mode = bool(model_cfg.get("ceil_mode", True))
+    if budget is not None:
+        widths = fit_widths(model_cfg.family, cls_hw, widths, budget - count_params(st), ceil_mode)
+    return Net(_classifier(model_cfg.family, cls_hw, widths, ceil_mode), st)
