@@ -1,0 +1,127 @@
+"""In-memory distorted MNIST for Lightning: whole splits as tensors, batches sliced by index.
+
+No per-sample ``__getitem__`` and no worker processes: the splits (a few MB of uint8) live on
+the accelerator and every training batch is a function of (seed, step) alone. That makes a
+resumed run replay exactly the batches an uninterrupted run would have seen.
+
+``loader.mode``:
+- ``fixed``: the distorted training set written by the ``distort`` stage;
+- ``fresh``: every batch draws new distortions (seeded by seed and step) of the 50k training
+  digits with the same generator the stage uses, so training sees ~150k × 256 distinct samples.
+Validation and test always use the stage's fixed sets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from src.data.warps import distort_batch
+from src.runinfo import UserError, load_checked
+
+
+class TrainBatches:
+    """Endless iterable of training batches; batch ``s`` depends only on (seed, s)."""
+
+    def __init__(self, n_batches_per_epoch: int, make_batch, start_step):
+        self.per_epoch = n_batches_per_epoch
+        self.make_batch = make_batch
+        self.start_step = start_step  # callable: the trainer's global step when iteration (re)starts
+
+    def __iter__(self):
+        step = self.start_step()
+        while True:
+            yield self.make_batch(step)
+            step += 1
+
+
+class EvalBatches:
+    """Consecutive slices of a fixed split."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int):
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        for i in range(0, len(self.labels), self.batch_size):
+            yield to_float(self.images[i:i + self.batch_size]), self.labels[i:i + self.batch_size]
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels → float32 in [0, 1] (the stage stores round(255·x))."""
+    return images.float().div_(255.0)
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Round fresh draws to the 8-bit grid of the stored sets, so both modes see the same kind of pixels."""
+    return images.mul(255.0).round_().div_(255.0)
+
+
+class DistortedMNIST(pl.LightningDataModule):
+    def __init__(self, data_cfg, loader_cfg, paths_cfg, align_corners: bool, seed: int):
+        super().__init__()
+        if loader_cfg.mode not in ("fixed", "fresh"):
+            raise UserError(f"loader.mode must be 'fixed' or 'fresh', got {loader_cfg.mode!r}")
+        self.data_cfg, self.loader_cfg, self.paths_cfg = data_cfg, loader_cfg, paths_cfg
+        self.align_corners, self.seed = align_corners, int(seed)
+        self.split_dir = Path(paths_cfg.data_dir) / data_cfg.name
+        self._epoch_perm: tuple[int, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ loading
+    def _device(self) -> torch.device:
+        if self.loader_cfg.on_device and self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return torch.device("cpu")
+
+    def load_split(self, split: str) -> dict:
+        return load_checked(self.split_dir / f"{split}.pt", hint=f"dvc repro distort@{self.data_cfg.name}")
+
+    def setup(self, stage: str | None = None) -> None:
+        dev = self._device()
+        for split in ("val", "test"):
+            d = self.load_split(split)
+            setattr(self, split, (d["images"].to(dev), d["labels"].to(dev), d.get("params", {})))
+        if stage in ("fit", None):
+            if self.loader_cfg.mode == "fixed":
+                d = self.load_split("train")
+            else:
+                raw = load_checked(Path(self.paths_cfg.raw_file), hint="dvc repro prepare")
+                d = raw["train"]
+            self.train_images, self.train_labels = d["images"].to(dev), d["labels"].to(dev)
+
+    # ------------------------------------------------------------------ batches
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if self._epoch_perm is None or self._epoch_perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(len(self.train_labels), generator=g).to(self.train_labels.device)
+            self._epoch_perm = (epoch, perm)
+        return self._epoch_perm[1]
+
+    def train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bs = self.loader_cfg.batch_size
+        per_epoch = len(self.train_labels) // bs
+        epoch, k = divmod(step, per_epoch)
+        idx = self._perm(epoch)[k * bs:(k + 1) * bs]
+        x, y = to_float(self.train_images[idx]), self.train_labels[idx]
+        if self.loader_cfg.mode == "fresh":
+            g = torch.Generator(device=x.device).manual_seed(self.seed * 1_000_003 + 7919 * step + 1)
+            pool = self.train_images if self.data_cfg.name == "tc" else None
+            x, _ = distort_batch(x, self.data_cfg, g, align_corners=self.align_corners, clutter_pool=pool)
+            x = quantize(x)
+        return x, y
+
+    def train_dataloader(self):
+        per_epoch = len(self.train_labels) // self.loader_cfg.batch_size
+        if per_epoch < 1:
+            raise UserError(f"training set of {len(self.train_labels)} images is smaller than one batch")
+        return TrainBatches(per_epoch, self.train_batch, lambda: self.trainer.global_step if self.trainer else 0)
+
+    def val_dataloader(self):
+        return EvalBatches(self.val[0], self.val[1], self.loader_cfg.eval_batch_size)
+
+    def test_dataloader(self):
+        return EvalBatches(self.test[0], self.test[1], self.loader_cfg.eval_batch_size)

@@ -1,0 +1,95 @@
+"""What every run records and checks: one-line user errors, verified loads, provenance, atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class UserError(Exception):
+    """An expected failure: printed as one line, exit code 1, no traceback."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_checked(path: Path, hint: str, expected_sha256: str | None = None) -> dict:
+    """torch.load(weights_only=True) with a clear error for a missing, tampered or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found; run `{hint}`")
+    if expected_sha256 is not None:
+        got = sha256_file(path)
+        if got != expected_sha256:
+            raise UserError(f"{path} has sha256 {got[:16]}…, expected {expected_sha256[:16]}…; run `{hint}` again")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); run `{hint}` again") from None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temp file + rename, so a crash never leaves a half-written file that looks valid."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "conf"],
+                               cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def code_fingerprint() -> str:
+    """Hash of every source file: a checkpoint is resumed only by the code that wrote it."""
+    h = hashlib.sha256()
+    for p in sorted((REPO / "src").rglob("*.py")):
+        h.update(p.relative_to(REPO).as_posix().encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    import pytorch_lightning as pl
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "pytorch_lightning": pl.__version__}
