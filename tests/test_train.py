@@ -1,0 +1,147 @@
+"""Training: composition of every cell, a smoke run that learns, resume == straight run, clear failures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+
+from src.models.module import Classifier
+from src.train import CONF_DIR, REPO, build_model, train
+
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+DATASETS = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+
+
+def cfg_for(*overrides: str):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture
+def smoke(synthetic_data, tmp_path):
+    """Overrides for a smoke run on the synthetic 'r' data, writing under tmp_path."""
+    return ["trainer=smoke", "quiet=true", f"paths.data_dir={synthetic_data['data_dir']}",
+            f"paths.raw_file={synthetic_data['raw_file']}", f"paths.run_dir={tmp_path / 'run'}",
+            f"paths.metrics_file={tmp_path / 'metrics.json'}", f"paths.curve_file={tmp_path / 'curve.csv'}"]
+
+
+def test_grid_is_covered_by_conf():
+    assert MODELS == sorted(["fcn", "cnn", "st_fcn", "st_fcn_proj", "st_fcn_tps", "st_cnn", "st_cnn_proj", "st_cnn_tps"])
+    assert DATASETS == sorted(["r", "rts", "p", "e", "tc"])
+
+
+@pytest.mark.parametrize("data", DATASETS)
+@pytest.mark.parametrize("model", MODELS)
+def test_every_cell_composes_and_backpropagates(model, data):
+    cfg = cfg_for(f"model={model}", f"data={data}")
+    net, budget = build_model(cfg)
+    x = torch.rand(3, 1, cfg.data.canvas, cfg.data.canvas)
+    loss = F.cross_entropy(net(x), torch.tensor([0, 1, 2]))
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters())
+    assert abs(net.param_counts()["total"] / budget - 1) <= cfg.budget.tol
+
+
+def test_param_groups_partition_and_follow_the_schedule():
+    cfg = cfg_for("model=st_cnn", "optim.loc_lr_mult=0.1")
+    net, _ = build_model(cfg)
+    module = Classifier(net, dict(cfg.optim), max_steps=300)
+    groups = module.param_groups()
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in net.parameters()) and len(ids) == len(set(ids))
+    opt_cfg = module.configure_optimizers()
+    opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+    assert module.milestones() == [100, 200]
+    lrs = []
+    for _ in range(300):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx([0.01, 0.001]) and lrs[99] == pytest.approx([0.01, 0.001])
+    assert lrs[100] == pytest.approx([0.001, 0.0001]) and lrs[200] == pytest.approx([0.0001, 0.00001])
+
+
+@pytest.mark.parametrize("mode", ["fixed", "fresh"])
+def test_smoke_run_learns_and_writes_the_record(smoke, tmp_path, mode):
+    cfg = cfg_for("model=st_fcn", *smoke, f"loader.mode={mode}", "loader.batch_size=64",
+                  "trainer.max_steps=120", "trainer.val_check_interval=40", "trainer.limit_val_batches=null",
+                  "optim.gamma=1.0")
+    m = train(cfg)
+    assert m["test"]["err"] < 30, m  # chance is 90 %
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == m
+    assert set(saved) == {"test", "val", "params", "steps"} and saved["steps"] == 120
+    assert set(saved["test"]) == {"err", "err_last", "err_best", "loss_last"}
+    lines = (tmp_path / "curve.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert header[:5] == ["step", "train_loss", "val_loss", "val_err", "lr"]
+    assert {"theta_dev", "outside", "det", "scale"} <= set(header)
+    assert [int(r.split(",")[0]) for r in lines[1:]] == [40, 80, 120]
+    prov = json.loads((tmp_path / "run" / "cell" / "provenance.json").read_text())
+    assert prov["seed"] == 0 and prov["commit"] and prov["device"] and prov["config"]["loader"]["mode"] == mode
+
+
+class _Crash(pl.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 25:
+            raise RuntimeError("simulated kill")
+
+
+def test_resume_after_a_kill_equals_a_straight_run(smoke, tmp_path):
+    base = [*smoke, "model=st_fcn_tps", "trainer.max_steps=40"]
+    straight = train(cfg_for(*base, f"paths.run_dir={tmp_path / 'a'}", f"paths.metrics_file={tmp_path / 'a.json'}"))
+    resumed_cfg = cfg_for(*base, f"paths.run_dir={tmp_path / 'b'}", f"paths.metrics_file={tmp_path / 'b.json'}")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(resumed_cfg, extra_callbacks=(_Crash(),))
+    assert not (tmp_path / "b.json").exists()
+    resumed = train(resumed_cfg)
+    assert resumed == straight
+    assert json.loads((tmp_path / "b" / "cell" / "provenance.json").read_text())["resumed_from_step"] == 20
+
+
+def test_a_changed_config_does_not_resume_a_stale_checkpoint(smoke, tmp_path):
+    train(cfg_for(*smoke, "model=fcn"))
+    m = train(cfg_for(*smoke, "model=fcn", "optim.lr=0.02"))
+    prov = json.loads((tmp_path / "run" / "cell" / "provenance.json").read_text())
+    assert prov["resumed_from_step"] == 0 and m["steps"] == 20
+
+
+def run_cli(*args: str):
+    return subprocess.run([sys.executable, "-m", "src.train", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_unknown_choice_is_one_line_listing_the_choices():
+    r = run_cli("model=st_mlp")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "st_mlp" in lines[0] and "st_fcn_tps" in lines[0] and "cnn" in lines[0], r.stderr
+
+
+def test_bad_key_is_one_line():
+    r = run_cli("optim.lrr=0.1")
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1 and "lrr" in r.stderr, r.stderr
+
+
+def test_missing_data_names_the_stage(tmp_path):
+    r = run_cli("data=rts", f"paths.data_dir={tmp_path}", f"paths.run_dir={tmp_path / 'run'}", "quiet=true")
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "dvc repro distort@rts" in last, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_non_finite_loss_stops_without_touching_previous_metrics(smoke, tmp_path):
+    (tmp_path / "metrics.json").write_text('{"previous": 1}\n')
+    r = run_cli(*smoke, "model=fcn", "optim.lr=1e12", "trainer.max_steps=100", "trainer.val_check_interval=50")
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert "non-finite" in last and "step" in last and "optim.lr" in last, r.stderr
+    assert (tmp_path / "metrics.json").read_text() == '{"previous": 1}\n'
