@@ -110,6 +110,32 @@ def make_trainer(cfg: DictConfig, callbacks: list, label: str) -> pl.Trainer:
     )
 
 
+@torch.no_grad()
+def test_correct(module: Classifier, dm: DistortedMNIST) -> torch.Tensor:
+    """Per-image correctness on the test split (bool, CPU), for the error-by-distortion analysis."""
+    module.eval()
+    out = [(module.net(x.to(module.device)).argmax(1) == y.to(module.device)).cpu() for x, y in dm.test_dataloader()]
+    return torch.cat(out)
+
+
+def binned_errors(correct: torch.Tensor, params: dict, n_bins: int = 12) -> str:
+    """CSV of test error % in equal-width bins of every scalar per-image distortion parameter."""
+    lines = ["param,lo,hi,n,err"]
+    for name, v in sorted(params.items()):
+        if v.dim() != 1 or len(v) != len(correct) or v.min() == v.max():
+            continue
+        v = v.double()
+        edges = torch.linspace(float(v.min()), float(v.max()), n_bins + 1, dtype=torch.float64)
+        idx = torch.bucketize(v, edges[1:-1], right=True)
+        for b in range(n_bins):
+            sel = idx == b
+            n = int(sel.sum())
+            if n:
+                err = 100.0 * (1 - correct[sel].double().mean().item())
+                lines.append(f"{name},{edges[b]:.6g},{edges[b + 1]:.6g},{n},{err:.4f}")
+    return "\n".join(lines) + "\n"
+
+
 def evaluate(trainer: pl.Trainer, module: Classifier, dm: DistortedMNIST) -> tuple[float, float]:
     out = trainer.test(module, datamodule=dm, verbose=False)[0]
     return float(out["test/err"]), float(out["test/loss"])
@@ -140,6 +166,7 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
             raise UserError(f"training stopped at step {trainer.global_step} of {cfg.trainer.max_steps}; "
                             f"rerun the same command to resume from the last checkpoint")
         err_last, loss_last = evaluate(trainer, module, dm)
+        correct_last = test_correct(module, dm)
         best_path = trainer.checkpoint_callback.best_model_path
         state = torch.load(best_path, map_location=module.device, weights_only=True)["state_dict"]
         last_state = {k: v.clone() for k, v in module.state_dict().items()}
@@ -170,6 +197,7 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     }
     cell_dir = Path(cfg.paths.cell_dir)
     write_json(cell_dir / "provenance.json", provenance)
+    write_atomic(cell_dir / "bins.csv", binned_errors(correct_last, dm.test[2]))
     write_atomic(Path(cfg.paths.curve_file), curve.to_csv())
     write_json(Path(cfg.paths.metrics_file), metrics)  # last: its presence marks a complete run
     return metrics

@@ -135,15 +135,27 @@ def classifier_params(family: str, in_hw, widths: list[int], ceil_mode: bool = T
 def fit_widths(family: str, in_hw, base_widths: list[int], target: int, ceil_mode: bool = True) -> list[int]:
     """Widths near the base ratios whose classifier has about ``target`` parameters.
 
-    Deterministic: scales all widths by a common factor (first width 1..8×base) and lets the last
-    width move ±10 % around its scaled value, keeping the count closest to the target.
+    Deterministic: scales all widths by a common factor (the first width k, found by bisection on
+    the monotone count) and lets the last width move ±10 % around its scaled value, keeping the
+    count closest to the target.
     """
     if target <= 0:
         raise ValueError(f"parameter budget leaves no room for the classifier (target {target})")
 
+    def scaled(k: int) -> list[int]:
+        return [max(1, round(k * w / base_widths[0])) for w in base_widths]
+
+    lo, hi = 1, 8 * base_widths[0]
+    while lo < hi:  # smallest k whose scaled classifier reaches the target
+        mid = (lo + hi) // 2
+        if classifier_params(family, in_hw, scaled(mid), ceil_mode) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+
     def candidates():
-        for k in range(1, 8 * base_widths[0] + 1):
-            ws = [max(1, round(k * w / base_widths[0])) for w in base_widths]
+        for k in range(max(1, lo - 2), lo + 3):
+            ws = scaled(k)
             r = max(1, ws[-1] // 10)
             for last in range(max(1, ws[-1] - r), ws[-1] + r + 1):
                 yield [*ws[:-1], last]
