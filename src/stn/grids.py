@@ -7,11 +7,11 @@ normalised coordinates (x, y) ∈ [-1, 1]², x first, exactly as ``F.grid_sample
 outer edges of the border pixels, with ``True`` the centres of the corner pixels.
 
 Every generator derives its grid from one canonical base grid (``base_grid``), built by
-``F.affine_grid`` on the identity, so the identity θ of every transform reproduces it exactly.
+``F.affine_grid`` on the identity, so the identity θ of every transform reproduces it.
 
 Precomputed constants (base grid, TPS weights) are kept in float64 and cast to θ's dtype in
-``forward``: the float32 path is unchanged, and a float64 forward (gradcheck, oracle tests) is exact
-to float64 precision instead of inheriting float32 round-off.
+``forward``: a float64 forward (gradcheck, oracle tests) is then exact to float64 precision instead
+of inheriting float32 round-off, and float32 grids agree with ``F.affine_grid`` to one ulp.
 
 To add a transform: subclass ``GridGenerator``, set ``n_params``, implement ``identity()`` and
 ``forward(theta) -> (B, H, W, 2)``, override ``options()`` if the constructor takes extra
