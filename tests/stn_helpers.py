@@ -11,6 +11,7 @@ import functools
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -21,6 +22,16 @@ TRANSFORMS = ["aff", "proj", "tps"]
 ST_MODELS = ["st_fcn", "st_fcn_proj", "st_fcn_tps", "st_cnn", "st_cnn_proj", "st_cnn_tps"]
 ALL_MODELS = ["fcn", "cnn", *ST_MODELS]
 SIZES = [(28, 1), (42, 2), (60, 2)]  # (input size, ST downsampling): R/P/E, RTS, TC
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tests run on tiny tensors, where intra-op threads only add contention (gradcheck on a busy
+    2-core machine ran 30× slower with 2 threads). Import this into a test module to apply it there."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @functools.cache

@@ -9,6 +9,7 @@ from torch import nn
 
 from src.stn.grids import AffineGrid, ProjectiveGrid, TPSGrid, base_grid, make_grid_generator
 from src.stn.transformer import SpatialTransformer
+from stn_helpers import one_thread  # noqa: F401  (autouse fixture: single-threaded torch)
 from stn_helpers import TRANSFORMS, blobs, identity_theta, pixel_centres, rotation, theta_for_affine
 
 SIZES = [(7, 7), (8, 8), (6, 9)]  # odd, even, non-square
@@ -167,6 +168,21 @@ def test_projective_clamp_keeps_grid_and_gradients_finite():
     x = torch.rand(1, 1, h, w, dtype=torch.float64, requires_grad=True)
     sample(x, grid, False).sum().backward()
     assert torch.isfinite(theta.grad).all() and torch.isfinite(x.grad).all()
+
+
+def test_projective_clamp_preserves_the_sign_of_w():
+    """Points with 0 < w < eps divide by +eps, points with -eps < w < 0 by -eps."""
+    eps = 0.3
+    gen = ProjectiveGrid((7, 9), False, eps=eps).double()
+    theta = torch.tensor([[1.0, 0.1, 0.05, -0.1, 1.0, 0.0, 1.2, 0.9]], dtype=torch.float64)
+    grid = gen(theta)[0].reshape(-1, 2)
+    pts = pixel_centres(7, 9, False).reshape(-1, 2)
+    uvw = torch.cat([pts, pts.new_ones(len(pts), 1)], 1) @ torch.cat([theta[0], theta.new_ones(1)]).view(3, 3).T
+    w = uvw[:, 2]
+    assert ((w > -eps) & (w < 0)).any() and ((w > 0) & (w < eps)).any()  # both sides of the guard are hit
+    w_safe = torch.where(w.abs() < eps, eps * torch.sign(w), w)
+    torch.testing.assert_close(grid, uvw[:, :2] / w_safe[:, None], rtol=1e-12, atol=1e-12)
+    assert gen.last_clamped.item() == pytest.approx((w.abs() < eps).double().mean().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from src.stn.grids import AffineGrid, TPSGrid, base_grid, tps_control_points, tps_kernel, tps_system
+from stn_helpers import one_thread  # noqa: F401  (autouse fixture: single-threaded torch)
 from stn_helpers import pixel_centres, tps_control_points_4x4
 
 F64 = torch.float64
