@@ -7,10 +7,16 @@ normalised coordinates (x, y) ∈ [-1, 1]², x first, exactly as ``F.grid_sample
 outer edges of the border pixels, with ``True`` the centres of the corner pixels.
 
 Every generator derives its grid from one canonical base grid (``base_grid``), built by
-``F.affine_grid`` on the identity, so the identity θ of every transform reproduces it exactly.
+``F.affine_grid`` on the identity, so the identity θ of every transform reproduces it.
+
+Precomputed constants (base grid, TPS weights) are kept in float64 and cast to θ's dtype in
+``forward``: a float64 forward (gradcheck, oracle tests) is then exact to float64 precision instead
+of inheriting float32 round-off, and float32 grids agree with ``F.affine_grid`` to one ulp.
 
 To add a transform: subclass ``GridGenerator``, set ``n_params``, implement ``identity()`` and
-``forward(theta) -> (B, H, W, 2)``, and register the class in ``GRIDS``.
+``forward(theta) -> (B, H, W, 2)``, override ``options()`` if the constructor takes extra
+arguments, and register the class in ``GRIDS`` (config-driven options go in
+``make_grid_generator``).
 """
 
 from __future__ import annotations
@@ -44,6 +50,15 @@ class GridGenerator(nn.Module):
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def options(self) -> dict:
+        """Constructor arguments beyond (out_hw, align_corners)."""
+        return {}
+
+    def remake(self, out_hw: tuple[int, int], align_corners: bool) -> GridGenerator:
+        """The same transform on another output lattice: θ means the same map of normalised
+        coordinates at any resolution, so figures can evaluate it on a coarse or corner-aligned lattice."""
+        return type(self)(out_hw, align_corners, **self.options())
+
     def _check(self, theta: torch.Tensor) -> None:
         if theta.dim() != 2 or theta.shape[1] != self.n_params:
             raise ValueError(
@@ -62,7 +77,7 @@ class AffineGrid(GridGenerator):
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         self._check(theta)
         b = theta.shape[0]
-        return F.affine_grid(theta.view(b, 2, 3), [b, 1, *self.out_hw], align_corners=self.align_corners)
+        return F.affine_grid(theta.reshape(b, 2, 3), [b, 1, *self.out_hw], align_corners=self.align_corners)
 
 
 class ProjectiveGrid(GridGenerator):
@@ -78,10 +93,12 @@ class ProjectiveGrid(GridGenerator):
     def __init__(self, out_hw, align_corners: bool, eps: float = 1e-3):
         super().__init__(out_hw, align_corners)
         self.eps = float(eps)
-        g = base_grid(*self.out_hw, align_corners=self.align_corners)
-        self.register_buffer("base", torch.cat([g.reshape(-1, 2), torch.ones(g.shape[0] * g.shape[1], 1)], 1),
-                             persistent=False)
+        g = base_grid(*self.out_hw, align_corners=self.align_corners, dtype=torch.float64).reshape(-1, 2)
+        self.register_buffer("base", torch.cat([g, g.new_ones(g.shape[0], 1)], 1), persistent=False)
         self.last_clamped = torch.zeros(())
+
+    def options(self) -> dict:
+        return {"eps": self.eps}
 
     def identity(self) -> torch.Tensor:
         return torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
@@ -94,7 +111,8 @@ class ProjectiveGrid(GridGenerator):
         w = uvw[..., 2:]
         small = w.abs() < self.eps
         self.last_clamped = small.float().mean().detach()  # a tensor: no device sync here
-        w = torch.where(small, torch.where(w < 0, -self.eps, self.eps), w)
+        # copysign keeps θ's dtype (a where over Python scalars would promote fp16/bf16 to fp32)
+        w = torch.where(small, torch.copysign(torch.full_like(w, self.eps), w), w)
         return (uvw[..., :2] / w).view(b, *self.out_hw, 2)
 
 
@@ -143,9 +161,12 @@ class TPSGrid(GridGenerator):
         g = base_grid(*self.out_hw, align_corners=self.align_corners, dtype=torch.float64).reshape(-1, 2)
         basis = torch.cat([tps_kernel(torch.cdist(g, ctrl).pow(2)), g.new_ones(g.shape[0], 1), g], 1)
         m = torch.linalg.solve(system, basis.t()).t()[:, :n]  # L symmetric: basis·L⁻¹ = (L⁻¹·basisᵀ)ᵀ
-        self.register_buffer("ctrl", ctrl.float(), persistent=False)
-        self.register_buffer("weights", m.float(), persistent=False)
-        self.register_buffer("base", g.float(), persistent=False)
+        self.register_buffer("ctrl", ctrl, persistent=False)
+        self.register_buffer("weights", m, persistent=False)
+        self.register_buffer("base", g, persistent=False)
+
+    def options(self) -> dict:
+        return {"n_side": self.n_side, "span": self.span}
 
     def identity(self) -> torch.Tensor:
         return torch.zeros(self.n_params)
@@ -153,7 +174,7 @@ class TPSGrid(GridGenerator):
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         self._check(theta)
         b = theta.shape[0]
-        offsets = theta.view(b, -1, 2)
+        offsets = theta.reshape(b, -1, 2)
         grid = self.base.to(theta.dtype) + self.weights.to(theta.dtype) @ offsets
         return grid.view(b, *self.out_hw, 2)
 
@@ -163,11 +184,8 @@ GRIDS: dict[str, type[GridGenerator]] = {"aff": AffineGrid, "proj": ProjectiveGr
 
 def make_grid_generator(transform: str, out_hw, align_corners: bool, proj_eps: float = 1e-3,
                         tps_grid: int = 4, tps_span: float = 1.0) -> GridGenerator:
-    """Build the grid generator named ``transform`` (one of ``GRIDS``)."""
-    if transform == "aff":
-        return AffineGrid(out_hw, align_corners)
-    if transform == "proj":
-        return ProjectiveGrid(out_hw, align_corners, eps=proj_eps)
-    if transform == "tps":
-        return TPSGrid(out_hw, align_corners, n_side=tps_grid, span=tps_span)
-    raise ValueError(f"unknown transform {transform!r}; choose one of {sorted(GRIDS)}")
+    """Build the grid generator named ``transform`` (one of ``GRIDS``) from the ``stn`` config keys."""
+    if transform not in GRIDS:
+        raise ValueError(f"unknown transform {transform!r}; choose one of {sorted(GRIDS)}")
+    options = {"proj": {"eps": proj_eps}, "tps": {"n_side": tps_grid, "span": tps_span}}
+    return GRIDS[transform](out_hw, align_corners, **options.get(transform, {}))
