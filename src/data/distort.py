@@ -16,7 +16,8 @@ no valid-looking output. Also writes ``<paths.preview_dir>/preview_<d>.png`` (64
 
 Determinism: split ``s`` is generated from ``torch.Generator().manual_seed(split_seed(gen_seed, s))``
 in chunks of ``CHUNK`` images, in order; float64 arithmetic whose per-element order does not depend
-on the thread count; then uint8 rounding.
+on the thread count (tested); then uint8 rounding, which absorbs last-bit differences between CPUs
+except for values within ~1e-13 of a rounding boundary.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from src.data.mnist import SPLITS, load_raw, sidecar
 from src.data.warps import DISTORTIONS, distort_batch
 from src.runinfo import UserError, compose_config, load_checked, write_atomic
 
-CHUNK = 2000  # images per distort_batch call: part of the recipe (the random stream is drawn per chunk)
+CHUNK = 1000  # images per distort_batch call: part of the recipe (the random stream is drawn per chunk)
 PREVIEW_N = 64
 
 
@@ -173,6 +174,10 @@ def write_preview(path: Path, images: torch.Tensor, labels: torch.Tensor, name: 
 
 
 def main(argv: list[str] | None = None) -> None:
+    # One intra-op thread: generation is a long run of small memory-bound ops, and with more threads
+    # every op waits at a barrier for a thread the OS may have parked (2-3× slower on a shared 2-core
+    # machine, reports/bench/data.md). The output does not depend on the thread count.
+    torch.set_num_threads(1)
     try:
         cfg = compose_config(sys.argv[1:] if argv is None else argv)
         out = distort(cfg)
