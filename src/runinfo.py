@@ -112,7 +112,9 @@ def compose_config(overrides: list[str], config_name: str = "config"):
         with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
             return compose(config_name, overrides=list(overrides))
     except MissingConfigException as e:
+        group = (e.missing_cfg_file or "").split("/")[0]
+        given = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith(group + "=")), "?")
         choices = ", ".join(e.options) if e.options else "see conf/"
-        raise UserError(f"{' '.join(str(e).split())} (choices: {choices})") from None
+        raise UserError(f"unknown {group} '{given}'; choose one of: {choices}") from None
     except (HydraException, ValueError) as e:
         raise UserError(" ".join(str(e).split())) from None

@@ -171,7 +171,7 @@ def _finish(split_arrays: dict, sizes, name: str) -> dict:
         x, y = split_arrays[split]["images"], np.asarray(split_arrays[split]["labels"])
         if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() > 9:
             raise UserError(f"{name}: {split} labels must be {n} integers in 0..9")
-        out[split] = {"images": torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)).reshape(n, 1, 28, 28),
+        out[split] = {"images": torch.from_numpy(np.array(x, dtype=np.uint8)).reshape(n, 1, 28, 28),
                       "labels": torch.from_numpy(y.astype(np.int64))}
     return out
 
@@ -204,10 +204,9 @@ def load_raw(path: Path) -> dict:
     raw = load_checked(path, hint=RAW_HINT, expected_sha256=expected)
     for split in SPLITS:
         d = raw.get(split) if isinstance(raw, dict) else None
-        ok = (isinstance(d, dict) and isinstance(d.get("images"), torch.Tensor) and isinstance(d.get("labels"), torch.Tensor)
-              and d["images"].dtype == torch.uint8 and d["images"].dim() == 4 and d["images"].shape[1:] == (1, 28, 28)
-              and d["labels"].dtype == torch.int64 and d["labels"].shape == d["images"].shape[:1])
-        if not ok:
+        x, y = (d.get("images"), d.get("labels")) if isinstance(d, dict) else (None, None)
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == torch.uint8
+                and x.dim() == 4 and x.shape[1:] == (1, 28, 28) and y.dtype == torch.int64 and y.shape == x.shape[:1]):
             raise UserError(f"{path}: malformed {split} split; run `{RAW_HINT}` again")
     return raw
 

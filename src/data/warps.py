@@ -93,9 +93,9 @@ def _ink_extent(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: to
 def similarity(x, cfg, g, align_corners):
     """R (canvas 28, no scale or shift) and RTS: rotate by +angle, scale, then place on the canvas."""
     n, size = x.shape[0], int(cfg.canvas)
-    p = x.new_empty(0)
-    angle = _uniform(cfg.angle, n, g, p)
-    scale = _uniform(cfg.get("scale", (1.0, 1.0)), n, g, p)
+    like = x.new_empty(0)  # dtype and device of every draw
+    angle = _uniform(cfg.angle, n, g, like)
+    scale = _uniform(cfg.scale, n, g, like) if "scale" in cfg else torch.ones_like(angle)
     rad = angle * (math.pi / 180)
     cos, sin = torch.cos(rad), torch.sin(rad)
     placement = str(cfg.get("placement", "centre"))
@@ -103,7 +103,7 @@ def similarity(x, cfg, g, align_corners):
         x0, x1, y0, y1 = _ink_extent(x, cos, sin, scale)
         half = size / 2 - 0.5 * scale * (cos.abs() + sin.abs())  # each ink pixel, as a square, inside
         lo_x, hi_x, lo_y, hi_y = -half - x0, half - x1, -half - y0, half - y1
-        ux, uy = (torch.rand(2, n, generator=g, device=p.device, dtype=p.dtype))
+        ux, uy = torch.rand(2, n, generator=g, device=like.device, dtype=like.dtype)
         tx = torch.where(hi_x >= lo_x, lo_x + (hi_x - lo_x) * ux, (lo_x + hi_x) / 2)  # too big: centre it
         ty = torch.where(hi_y >= lo_y, lo_y + (hi_y - lo_y) * uy, (lo_y + hi_y) / 2)
     elif placement in ("centre", "center"):
@@ -116,7 +116,7 @@ def similarity(x, cfg, g, align_corners):
     lin = a * (k_in / k_out)
     shift = -(a @ torch.stack([tx, ty], -1)[..., None])[..., 0] * k_in
     theta = torch.cat([lin, shift[..., None]], -1).reshape(n, 6)
-    out = _sample(x, _grid("aff", size, align_corners, p.device, p.dtype)(theta), cfg, align_corners)
+    out = _sample(x, _grid("aff", size, align_corners, like.device, like.dtype)(theta), cfg, align_corners)
     params = {"angle": angle, "theta": theta}
     if cfg.name != "r":
         params.update(scale=scale, tx=tx, ty=ty)
@@ -158,24 +158,24 @@ def projective(x, cfg, g, align_corners):
     digit); ``box`` moves the corners of the scaled digit's box.
     """
     n, size = x.shape[0], int(cfg.canvas)
-    p = x.new_empty(0)
-    scale = _uniform(cfg.scale, n, g, p)
-    moves = float(cfg.corner_sigma_px) * torch.randn(n, 4, 2, generator=g, device=p.device, dtype=p.dtype)
+    like = x.new_empty(0)  # dtype and device of every draw
+    scale = _uniform(cfg.scale, n, g, like)
+    moves = float(cfg.corner_sigma_px) * torch.randn(n, 4, 2, generator=g, device=like.device, dtype=like.dtype)
     corners = str(cfg.get("corners", "frame"))
     if corners not in ("frame", "box"):
         raise ValueError(f"corners must be 'frame' or 'box', got {corners!r}")
     k_in, k_out = px_unit(DIGIT, align_corners), px_unit(size, align_corners)
-    frame = torch.tensor(FRAME, device=p.device, dtype=p.dtype) / k_in  # the digit frame's corners, px
+    frame = torch.tensor(FRAME, device=like.device, dtype=like.dtype) / k_in  # the digit frame's corners, px
     quad = (frame if corners == "frame" else frame * scale[:, None, None]) + moves
     fwd = _square_to_quad(quad)  # unit square → moved quad (output px); its adjugate inverts it
     # output px → unit square → input frame [-1, 1]² (normalised) → undo the scale ("frame" only)
-    to_frame = torch.tensor([[2.0, 0.0, -1.0], [0.0, 2.0, -1.0], [0.0, 0.0, 1.0]], device=p.device, dtype=p.dtype)
-    out_px = torch.tensor([1 / k_out, 1 / k_out, 1.0], device=p.device, dtype=p.dtype)  # normalised → px
+    to_frame = torch.tensor([[2.0, 0.0, -1.0], [0.0, 2.0, -1.0], [0.0, 0.0, 1.0]], device=like.device, dtype=like.dtype)
+    out_px = torch.tensor([1 / k_out, 1 / k_out, 1.0], device=like.device, dtype=like.dtype)  # normalised → px
     inv = (to_frame @ _adjugate3(fwd)) * out_px
     if corners == "frame":
         inv = torch.cat([inv[:, :2] / scale[:, None, None], inv[:, 2:]], 1)
     theta = (inv / inv[:, 2:3, 2:3]).reshape(n, 9)[:, :8]
-    out = _sample(x, _grid("proj", size, align_corners, p.device, p.dtype)(theta), cfg, align_corners)
+    out = _sample(x, _grid("proj", size, align_corners, like.device, like.dtype)(theta), cfg, align_corners)
     return out, {"scale": scale, "corners": moves, "theta": theta}
 
 
@@ -184,13 +184,13 @@ def projective(x, cfg, g, align_corners):
 def elastic(x, cfg, g, align_corners):
     """E: move the G×G control points by N(0, σ²) px and warp with the TPS through them."""
     n, size = x.shape[0], int(cfg.canvas)
-    p = x.new_empty(0)
+    like = x.new_empty(0)  # dtype and device of every draw
     side = int(cfg.grid)
-    scale = _uniform(cfg.scale, n, g, p) if cfg.get("prescale", False) else torch.ones(n, device=p.device, dtype=p.dtype)
-    offsets = float(cfg.sigma_px) * torch.randn(n, side * side, 2, generator=g, device=p.device, dtype=p.dtype)
+    scale = _uniform(cfg.scale, n, g, like) if cfg.get("prescale", False) else like.new_ones(n)
+    offsets = float(cfg.sigma_px) * torch.randn(n, side * side, 2, generator=g, device=like.device, dtype=like.dtype)
     k_in, k_out = px_unit(DIGIT, align_corners), px_unit(size, align_corners)
     theta = (-offsets * k_out).reshape(n, -1)  # output control point c samples the input at c − offset
-    tps = _grid("tps", size, align_corners, p.device, p.dtype, n_side=side, span=float(cfg.get("span", 1.0)))
+    tps = _grid("tps", size, align_corners, like.device, like.dtype, n_side=side, span=float(cfg.get("span", 1.0)))
     grid = tps(theta) * ((k_in / k_out) / scale)[:, None, None, None]  # then undo the prescale
     out = _sample(x, grid, cfg, align_corners)
     return out, {"scale": scale, "offsets": offsets, "theta": theta}
