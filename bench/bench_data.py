@@ -94,8 +94,8 @@ def base_p(img, p, i, cfg, ac):
     h = _homography(frame + moves, frame / s)  # moved output corners → the scaled frame's source corners
     xx, yy = _out_grid(size)
     w = h[2, 0] * xx + h[2, 1] * yy + 1
-    return _q(_sample_at(img, (h[0, 0] * xx + h[0, 1] * yy + h[0, 2]) / w,
-                         (h[1, 0] * xx + h[1, 1] * yy + h[1, 2]) / w).reshape(size, size))
+    val = _sample_at(img, (h[0, 0] * xx + h[0, 1] * yy + h[0, 2]) / w, (h[1, 0] * xx + h[1, 1] * yy + h[1, 2]) / w)
+    return _q((val * (w > 0)).reshape(size, size))  # nothing is seen beyond the horizon
 
 
 def base_e(img, p, i, cfg, ac):

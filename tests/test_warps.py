@@ -14,7 +14,7 @@ from torch import nn
 
 from src.data.distort import generate_split, quantize, split_seed
 from src.data.warps import DISTORTIONS, distort_batch
-from src.stn.grids import AffineGrid
+from src.stn.grids import AffineGrid, base_grid
 from src.stn.transformer import SpatialTransformer
 from tests.conftest import synthetic_digits
 
@@ -114,6 +114,15 @@ def test_p_corner_moves_and_scale():
     moves = p["corners"]
     assert moves.shape == (N, 4, 2)
     assert abs(moves.std().item() - 5.0) < 0.15 and abs(moves.mean().item()) < 0.15
+
+
+def test_p_shows_nothing_beyond_the_horizon():
+    x = digits(1).expand(500, -1, -1, -1)
+    y, p = run(x, data_cfg("p", corner_sigma_px=12.0))
+    g = base_grid(28, 28, False, dtype=torch.float64)
+    w = p["theta"][:, 6, None, None] * g[..., 0] + p["theta"][:, 7, None, None] * g[..., 1] + 1
+    behind = w <= 0
+    assert behind.any() and torch.all(y[:, 0][behind] == 0)
 
 
 def test_e_offsets_and_prescale():

@@ -22,6 +22,7 @@ except for values within ~1e-13 of a rounding boundary.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -54,15 +55,26 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
 
 def generate_split(images_u8: torch.Tensor, data_cfg, seed: int, align_corners: bool,
                    pool: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Distort one split (uint8 (N,1,28,28)) → uint8 images and float32 parameters."""
+    """Distort one split (uint8 (N,1,28,28)) → uint8 images and float32 parameters.
+
+    Results go into tensors allocated once for the whole split: keeping many small per-chunk
+    tensors alive between the large temporary ones fragments the heap (4× the memory on RTS).
+    """
     g = torch.Generator().manual_seed(int(seed))
-    outs, params = [], []
-    for i in range(0, images_u8.shape[0], CHUNK):
+    n = images_u8.shape[0]
+    images, params = None, {}
+    for i in range(0, n, CHUNK):
         x = images_u8[i:i + CHUNK].to(torch.float64) / 255
         y, p = distort_batch(x, data_cfg, g, align_corners=align_corners, clutter_pool=pool)
-        outs.append(quantize(y))
-        params.append({k: v.to(torch.float32) for k, v in p.items()})
-    return torch.cat(outs), {k: torch.cat([p[k] for p in params]) for k in params[0]}
+        if images is None:
+            images = torch.empty((n, *y.shape[1:]), dtype=torch.uint8)
+            params = {k: torch.empty((n, *v.shape[1:]), dtype=torch.float32) for k, v in p.items()}
+        images[i:i + len(y)] = quantize(y)
+        for k, v in p.items():
+            params[k][i:i + len(y)] = v
+    if images is None:
+        raise UserError("cannot distort an empty split")
+    return images, params
 
 
 def _clutter_pool(raw: dict, split: str, data_cfg) -> torch.Tensor | None:
@@ -82,16 +94,18 @@ def _to_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-def write_dataset(out_dir: Path, files: dict[str, bytes], manifest: dict) -> None:
-    """Write all files into a temporary sibling directory, then swap it in with one rename."""
+@contextlib.contextmanager
+def atomic_dir(out_dir: Path):
+    """Yield a temporary sibling directory; on success it replaces ``out_dir`` with one rename.
+
+    On any failure (or an interrupt) the temporary directory is removed and ``out_dir`` is untouched.
+    """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp creates 0700
     old = None
     try:
-        for name, data in files.items():
-            (tmp / name).write_bytes(data)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        yield tmp
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
             os.replace(out_dir, old / out_dir.name)
@@ -110,24 +124,26 @@ def distort(cfg) -> Path:
     raw_path = Path(cfg.paths.raw_file)
     raw = load_raw(raw_path)
     ac = bool(cfg.stn.align_corners)
-    files, manifest_files, seeds = {}, {}, {}
-    for split in SPLITS:
-        seeds[split] = split_seed(d.gen_seed, split)
-        images, params = generate_split(raw[split]["images"], d, seeds[split], ac, _clutter_pool(raw, split, d))
-        data = _to_bytes({"images": images, "labels": raw[split]["labels"].clone(), "params": params})
-        files[f"{split}.pt"] = data
-        manifest_files[f"{split}.pt"] = {
-            "sha256": hashlib.sha256(data).hexdigest(), "images": list(images.shape),
-            "labels": list(raw[split]["labels"].shape), "params": {k: list(v.shape) for k, v in params.items()}}
-        if split == "test":
-            preview = (images[:PREVIEW_N], raw[split]["labels"][:PREVIEW_N])
-    manifest = {
-        "name": str(d.name), "files": manifest_files, "config": OmegaConf.to_container(d, resolve=True),
-        "align_corners": ac, "seeds": seeds, "chunk": CHUNK, "pixels": "uint8 = round(255 * x), ties to even",
-        "raw": {"file": raw_path.name, "sha256": sidecar(raw_path).read_text().split()[0]},
-    }
     out_dir = Path(cfg.paths.data_dir) / str(d.name)
-    write_dataset(out_dir, files, manifest)
+    files, seeds = {}, {}
+    with atomic_dir(out_dir) as tmp:
+        for split in SPLITS:
+            seeds[split] = split_seed(d.gen_seed, split)
+            images, params = generate_split(raw[split]["images"], d, seeds[split], ac, _clutter_pool(raw, split, d))
+            labels = raw[split]["labels"].clone()
+            data = _to_bytes({"images": images, "labels": labels, "params": params})
+            (tmp / f"{split}.pt").write_bytes(data)
+            files[f"{split}.pt"] = {"sha256": hashlib.sha256(data).hexdigest(), "images": list(images.shape),
+                                    "labels": list(labels.shape), "params": {k: list(v.shape) for k, v in params.items()}}
+            if split == "test":
+                preview = (images[:PREVIEW_N].clone(), labels[:PREVIEW_N].clone())
+            del images, params, labels, data
+        manifest = {
+            "name": str(d.name), "files": files, "config": OmegaConf.to_container(d, resolve=True),
+            "align_corners": ac, "seeds": seeds, "chunk": CHUNK, "pixels": "uint8 = round(255 * x), ties to even",
+            "raw": {"file": raw_path.name, "sha256": sidecar(raw_path).read_text().split()[0]},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     write_preview(Path(cfg.paths.preview_dir) / f"preview_{d.name}.png", *preview, str(d.name))
     return out_dir
 

@@ -13,7 +13,8 @@ output pixel → input location, normalised (x, y), ``align_corners`` explicit).
   degrees; ``scale`` (RTS); ``tx``, ``ty`` (RTS) = offset of the digit centre from the canvas centre;
   ``theta`` (N, 6) = the sampling matrix (output → input) that produced the image.
 - P: ``scale``; ``corners`` (N, 4, 2) = the corner moves, corners in the order top-left, top-right,
-  bottom-right, bottom-left; ``theta`` (N, 8) = the sampling homography (h33 = 1).
+  bottom-right, bottom-left; ``theta`` (N, 8) = the sampling homography (h33 = 1). Output pixels
+  beyond the homography's horizon (w ≤ 0) are black.
 - E: ``offsets`` (N, G², 2) = how far the image content moves at each control point (row-major
   from the top-left): the output pixel at control point c shows the input at c − offset;
   ``scale`` (1 unless ``prescale``); ``theta`` (N, 2·G²) = the sampling TPS offsets (normalised).
@@ -29,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from src.stn.grids import AffineGrid, GridGenerator, ProjectiveGrid, TPSGrid
+from src.stn.grids import AffineGrid, GridGenerator, ProjectiveGrid, TPSGrid, base_grid
 
 DISTORTIONS = ("r", "rts", "p", "e", "tc")
 DIGIT = 28  # input side in pixels
@@ -176,7 +177,11 @@ def projective(x, cfg, g, align_corners):
         inv = torch.cat([inv[:, :2] / scale[:, None, None], inv[:, 2:]], 1)
     theta = (inv / inv[:, 2:3, 2:3]).reshape(n, 9)[:, :8]
     out = _sample(x, _grid("proj", size, align_corners, like.device, like.dtype)(theta), cfg, align_corners)
-    return out, {"scale": scale, "corners": moves, "theta": theta}
+    # A strongly moved corner can put the horizon (w = 0) inside the canvas; the pixels beyond it would
+    # show a point-mirrored ghost of the digit, so they are black (about 2 % of images have such pixels).
+    b = base_grid(size, size, align_corners, dtype=like.dtype, device=like.device)
+    w = theta[:, 6, None, None] * b[..., 0] + theta[:, 7, None, None] * b[..., 1] + 1
+    return out * (w > 0)[:, None], {"scale": scale, "corners": moves, "theta": theta}
 
 
 # ------------------------------------------------------------------ E: thin-plate spline
