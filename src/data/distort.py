@@ -16,7 +16,8 @@ no valid-looking output. Also writes ``<paths.preview_dir>/preview_<d>.png`` (64
 
 Determinism: split ``s`` is generated from ``torch.Generator().manual_seed(split_seed(gen_seed, s))``
 in chunks of ``CHUNK`` images, in order; float64 arithmetic whose per-element order does not depend
-on the thread count (tested); then uint8 rounding, which absorbs last-bit differences between CPUs
+on the thread count (tested; torch's default thread count is used, OMP_NUM_THREADS=1 helps
+on a heavily shared machine, see reports/bench/data.md); then uint8 rounding, which absorbs last-bit differences between CPUs
 except for values within ~1e-13 of a rounding boundary.
 """
 
@@ -190,10 +191,6 @@ def write_preview(path: Path, images: torch.Tensor, labels: torch.Tensor, name: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    # One intra-op thread: generation is a long run of small memory-bound ops, and with more threads
-    # every op waits at a barrier for a thread the OS may have parked (2-3× slower on a shared 2-core
-    # machine, reports/bench/data.md). The output does not depend on the thread count.
-    torch.set_num_threads(1)
     try:
         cfg = compose_config(sys.argv[1:] if argv is None else argv)
         out = distort(cfg)
