@@ -152,7 +152,7 @@ def _prepare_args(wheel: Path, sha: str, out: Path) -> list[str]:
             f"mnist.output={out}"]
 
 
-def test_prepare_stage(tmp_path, fake_pkl_gz, synthetic_raw, capsys):
+def test_prepare_stage(tmp_path, fake_pkl_gz, synthetic_raw):
     from src.data.prepare import main
 
     wheel = make_wheel(tmp_path / "w.whl", fake_pkl_gz)

@@ -15,10 +15,11 @@ The output appears by one rename of a finished temporary directory, so an interr
 no valid-looking output. Also writes ``<paths.preview_dir>/preview_<d>.png`` (64 test samples).
 
 Determinism: split ``s`` is generated from ``torch.Generator().manual_seed(split_seed(gen_seed, s))``
-in chunks of ``CHUNK`` images, in order; float64 arithmetic whose per-element order does not depend
-on the thread count (tested; torch's default thread count is used, OMP_NUM_THREADS=1 helps
-on a heavily shared machine, see reports/bench/data.md); then uint8 rounding, which absorbs last-bit differences between CPUs
-except for values within ~1e-13 of a rounding boundary.
+in chunks of ``CHUNK`` images, in order, with float64 arithmetic whose per-element order does not
+depend on the thread count (tested), then rounded to uint8, which absorbs last-bit differences
+between CPUs unless a value lies within ~1e-13 of a rounding boundary. The stage uses torch's
+default thread count; on a heavily shared machine OMP_NUM_THREADS=1 is faster
+(reports/bench/data.md).
 """
 
 from __future__ import annotations
