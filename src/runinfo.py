@@ -42,14 +42,19 @@ def load_checked(path: Path, hint: str, expected_sha256: str | None = None) -> d
         raise UserError(f"{path} is unreadable ({type(e).__name__}); run `{hint}` again") from None
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
     """Write via a temp file + rename, so a crash never leaves a half-written file that looks valid."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, obj) -> None:
@@ -93,3 +98,23 @@ def versions() -> dict[str, str]:
     import pytorch_lightning as pl
 
     return {"python": platform.python_version(), "torch": torch.__version__, "pytorch_lightning": pl.__version__}
+
+
+def compose_config(overrides: list[str], config_name: str = "config"):
+    """Compose ``conf/<config_name>.yaml`` with Hydra's compose API (no run dir, no ``outputs/``).
+
+    Used by the stage CLIs that are not Hydra apps; a bad override becomes a ``UserError``.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+
+    try:
+        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+            return compose(config_name, overrides=list(overrides))
+    except MissingConfigException as e:
+        group = (e.missing_cfg_file or "").split("/")[0]
+        given = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith(group + "=")), "?")
+        choices = ", ".join(e.options) if e.options else "see conf/"
+        raise UserError(f"unknown {group} '{given}'; choose one of: {choices}") from None
+    except (HydraException, ValueError) as e:
+        raise UserError(" ".join(str(e).split())) from None

@@ -1,0 +1,205 @@
+"""The ``distort`` stage: ``python -m src.data.distort data=<r|rts|p|e|tc> [key=value …]``.
+
+Composes conf/config.yaml with Hydra's compose API (no ``outputs/`` directory), reads the raw file
+(checked against its sidecar), distorts every split with :func:`src.data.warps.distort_batch` in
+float64 on the CPU, rounds to uint8 and writes ``<paths.data_dir>/<d>/``:
+
+- ``train.pt``, ``val.pt``, ``test.pt``: ``{"images": uint8 (N,1,S,S), "labels": int64 (N,),
+  "params": {name: float32 (N, …)}}``, loadable with ``torch.load(weights_only=True)``;
+  pixel = round(255·x) (half to even), read back as uint8/255;
+- ``manifest.json``: sha256, shapes and parameter names of each file, the generation config, the
+  seeds and the raw file's sha256. It holds nothing machine-dependent (no versions, no times), so
+  the directory hashes the same wherever it is regenerated.
+
+The output appears by one rename of a finished temporary directory, so an interrupted run leaves
+no valid-looking output. Also writes ``<paths.preview_dir>/preview_<d>.png`` (64 test samples).
+
+Determinism: split ``s`` is generated from ``torch.Generator().manual_seed(split_seed(gen_seed, s))``
+in chunks of ``CHUNK`` images, in order, with float64 arithmetic whose per-element order does not
+depend on the thread count (tested), then rounded to uint8, which absorbs last-bit differences
+between CPUs unless a value lies within ~1e-13 of a rounding boundary. The stage uses torch's
+default thread count; on a heavily shared machine OMP_NUM_THREADS=1 is faster
+(reports/bench/data.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from src.data.mnist import SPLITS, load_raw, sidecar
+from src.data.warps import DISTORTIONS, distort_batch
+from src.runinfo import UserError, compose_config, load_checked, write_atomic
+
+CHUNK = 1000  # images per distort_batch call: part of the recipe (the random stream is drawn per chunk)
+PREVIEW_N = 64
+
+
+def split_seed(gen_seed: int, split: str) -> int:
+    """A 63-bit seed for (gen_seed, split): independent streams for train, val and test."""
+    return int.from_bytes(hashlib.sha256(f"{int(gen_seed)}/{split}".encode()).digest()[:8], "little") >> 1
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats → uint8 round(255·x), ties to even."""
+    return images.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def generate_split(images_u8: torch.Tensor, data_cfg, seed: int, align_corners: bool,
+                   pool: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Distort one split (uint8 (N,1,28,28)) → uint8 images and float32 parameters.
+
+    Results go into tensors allocated once for the whole split: keeping many small per-chunk
+    tensors alive between the large temporary ones fragments the heap (4× the memory on RTS).
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    n = images_u8.shape[0]
+    images, params = None, {}
+    for i in range(0, n, CHUNK):
+        x = images_u8[i:i + CHUNK].to(torch.float64) / 255
+        y, p = distort_batch(x, data_cfg, g, align_corners=align_corners, clutter_pool=pool)
+        if images is None:
+            images = torch.empty((n, *y.shape[1:]), dtype=torch.uint8)
+            params = {k: torch.empty((n, *v.shape[1:]), dtype=torch.float32) for k, v in p.items()}
+        images[i:i + len(y)] = quantize(y)
+        for k, v in p.items():
+            params[k][i:i + len(y)] = v
+    if images is None:
+        raise UserError("cannot distort an empty split")
+    return images, params
+
+
+def _clutter_pool(raw: dict, split: str, data_cfg) -> torch.Tensor | None:
+    if data_cfg.name != "tc":
+        return None
+    source = str(data_cfg.get("patch_source", "same_split"))
+    if source == "same_split":
+        return raw[split]["images"]
+    if source == "any_split":
+        return torch.cat([raw[s]["images"] for s in SPLITS])
+    raise UserError(f"data.patch_source must be 'same_split' or 'any_split', got {source!r}")
+
+
+def _to_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)  # to memory: the archive's internal name is then fixed ("archive")
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: Path):
+    """Yield a temporary sibling directory; on success it replaces ``out_dir`` with one rename.
+
+    On any failure (or an interrupt) the temporary directory is removed and ``out_dir`` is untouched.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp creates 0700
+    old = None
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+            os.replace(out_dir, old / out_dir.name)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def distort(cfg) -> Path:
+    """Generate and write the dataset of ``cfg.data``; returns its directory."""
+    d = cfg.data
+    if d.name not in DISTORTIONS:
+        raise UserError(f"data.name must be one of {', '.join(DISTORTIONS)}, got {d.name!r}")
+    raw_path = Path(cfg.paths.raw_file)
+    raw = load_raw(raw_path)
+    ac = bool(cfg.stn.align_corners)
+    out_dir = Path(cfg.paths.data_dir) / str(d.name)
+    files, seeds = {}, {}
+    with atomic_dir(out_dir) as tmp:
+        for split in SPLITS:
+            seeds[split] = split_seed(d.gen_seed, split)
+            images, params = generate_split(raw[split]["images"], d, seeds[split], ac, _clutter_pool(raw, split, d))
+            labels = raw[split]["labels"].clone()
+            data = _to_bytes({"images": images, "labels": labels, "params": params})
+            (tmp / f"{split}.pt").write_bytes(data)
+            files[f"{split}.pt"] = {"sha256": hashlib.sha256(data).hexdigest(), "images": list(images.shape),
+                                    "labels": list(labels.shape), "params": {k: list(v.shape) for k, v in params.items()}}
+            if split == "test":
+                preview = (images[:PREVIEW_N].clone(), labels[:PREVIEW_N].clone())
+            del images, params, labels, data
+        manifest = {
+            "name": str(d.name), "files": files, "config": OmegaConf.to_container(d, resolve=True),
+            "align_corners": ac, "seeds": seeds, "chunk": CHUNK, "pixels": "uint8 = round(255 * x), ties to even",
+            "raw": {"file": raw_path.name, "sha256": sidecar(raw_path).read_text().split()[0]},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_preview(Path(cfg.paths.preview_dir) / f"preview_{d.name}.png", *preview, str(d.name))
+    return out_dir
+
+
+def load_split(split_dir: Path, split: str) -> dict:
+    """One split of a distorted dataset, checked against its manifest's sha256."""
+    split_dir = Path(split_dir)
+    hint = f"dvc repro distort@{split_dir.name}"
+    try:
+        expected = json.loads((split_dir / "manifest.json").read_text())["files"][f"{split}.pt"]["sha256"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{split_dir / 'manifest.json'} is missing or unreadable; run `{hint}`") from None
+    return load_checked(split_dir / f"{split}.pt", hint=hint, expected_sha256=expected)
+
+
+def write_preview(path: Path, images: torch.Tensor, labels: torch.Tensor, name: str) -> None:
+    """An 8×8 mosaic of test samples with their labels (matplotlib, Agg; no version metadata)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, _, s, _ = images.shape
+    cols = 8
+    rows = -(-n // cols)
+    pad = 2
+    mosaic = torch.full((rows * (s + pad) - pad, cols * (s + pad) - pad), 0.35)
+    for i in range(n):  # 64 tiles for a figure
+        r, c = divmod(i, cols)
+        mosaic[r * (s + pad):r * (s + pad) + s, c * (s + pad):c * (s + pad) + s] = images[i, 0].float() / 255
+    fig, ax = plt.subplots(figsize=(6, 6 * mosaic.shape[0] / mosaic.shape[1] + 0.4), dpi=120)
+    ax.imshow(mosaic.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    for i in range(n):
+        r, c = divmod(i, cols)
+        ax.text(c * (s + pad) + 1, r * (s + pad) + 1, str(int(labels[i])), color="#ffcc00", fontsize=7,
+                va="top", ha="left")
+    ax.set_axis_off()
+    ax.set_title(f"{name.upper()}: first {n} test images ({s}×{s}), label top-left", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = compose_config(sys.argv[1:] if argv is None else argv)
+        out = distort(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"distort: {out}/{{train,val,test}}.pt + manifest.json, preview in {cfg.paths.preview_dir}")
+
+
+if __name__ == "__main__":
+    main()
