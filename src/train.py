@@ -198,6 +198,12 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     cell_dir = Path(cfg.paths.cell_dir)
     write_json(cell_dir / "provenance.json", provenance)
     write_atomic(cell_dir / "bins.csv", binned_errors(correct_last, dm.test[2]))
+    if net.st is not None:  # what the transformer learned, on a fixed set of test digits (Table 1, right)
+        from src.viz import draw_transforms
+
+        x, y = dm.test[0][:8], dm.test[1][:8]
+        module.eval()
+        draw_transforms(net, x.float().div(255.0), cell_dir / "transforms.png", labels=y.cpu())
     write_atomic(Path(cfg.paths.curve_file), curve.to_csv())
     write_json(Path(cfg.paths.metrics_file), metrics)  # last: its presence marks a complete run
     return metrics

@@ -85,6 +85,8 @@ def test_smoke_run_learns_and_writes_the_record(smoke, tmp_path, mode):
     assert {"theta_dev", "outside", "det", "scale"} <= set(header)
     assert [int(r.split(",")[0]) for r in lines[1:]] == [40, 80, 120]
     prov = json.loads((tmp_path / "run" / "cell" / "provenance.json").read_text())
+    assert (tmp_path / "run" / "cell" / "transforms.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "cell" / "bins.csv").read_text().startswith("param,lo,hi,n,err")
     assert prov["seed"] == 0 and prov["commit"] and prov["device"] and prov["config"]["loader"]["mode"] == mode
 
 
