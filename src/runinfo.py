@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -118,3 +119,14 @@ def compose_config(overrides: list[str], config_name: str = "config"):
         raise UserError(f"unknown {group} '{given}'; choose one of: {choices}") from None
     except (HydraException, ValueError) as e:
         raise UserError(" ".join(str(e).split())) from None
+
+
+def stage_main(argv: list[str] | None, work) -> None:
+    """Entry point of a stage CLI: compose the config from ``argv``, run ``work(cfg)`` and print the
+    line it returns; a ``UserError`` becomes one ``error:`` line on stderr and exit status 1."""
+    try:
+        cfg = compose_config(sys.argv[1:] if argv is None else argv)
+        print(work(cfg))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -28,7 +28,7 @@ from src.callbacks import CurveRecorder, LinePrinter  # noqa: E402
 from src.data.datamodule import DistortedMNIST  # noqa: E402
 from src.models.module import Classifier, NonFiniteLoss  # noqa: E402
 from src.models.nets import Net, build_net, classifier_params  # noqa: E402
-from src.runinfo import (REPO, UserError, code_fingerprint, device_name, git_commit, versions,  # noqa: E402
+from src.runinfo import (REPO, UserError, code_fingerprint, compose_config, device_name, git_commit, versions,  # noqa: E402
                          write_atomic, write_json)
 
 CONF_DIR = REPO / "conf"
@@ -219,19 +219,7 @@ def _ckpt_step(path: Path | None) -> int:
 
 def check_overrides(overrides: list[str]) -> None:
     """Compose once before Hydra does, to turn a bad override into one line naming the valid choices."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException, MissingConfigException
-
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            compose("config", overrides=overrides)
-    except MissingConfigException as e:
-        group = (e.missing_cfg_file or "").split("/")[0]
-        given = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith(group + "=")), "?")
-        choices = ", ".join(e.options) if e.options else "see conf/"
-        raise UserError(f"unknown {group} '{given}'; choose one of: {choices}") from None
-    except (HydraException, ValueError) as e:
-        raise UserError(" ".join(str(e).split())) from None
+    compose_config(overrides)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

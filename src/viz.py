@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from src.stn.transformer import SpatialTransformer
+from src.stn.stats import rotation_deg
 
 
 def to_pixels(xy: torch.Tensor, hw: tuple[int, int], align_corners: bool) -> torch.Tensor:
@@ -43,16 +44,6 @@ def frame_corners(lattice: torch.Tensor, in_hw: tuple[int, int], align_corners: 
     bottom-left) in the input image, from a ``frame_lattice``."""
     corners = lattice[:, [0, 0, -1, -1], [0, -1, -1, 0]]
     return to_pixels(corners, in_hw, align_corners)
-
-
-def rotation_deg(theta: torch.Tensor) -> torch.Tensor:
-    """Rotation angle of the 2×2 part of affine/projective θ (the rotation of its polar decomposition).
-
-    θ maps output to input, so this is the rotation of the input that the transformer undoes;
-    positive is clockwise on screen (y points down).
-    """
-    a11, a12, a21, a22 = theta[:, 0], theta[:, 1], theta[:, 3], theta[:, 4]
-    return torch.atan2(a21 - a12, a11 + a22) * (180 / math.pi)
 
 
 def _caption(i: int, transform: str, theta, labels, preds) -> str:

