@@ -2,7 +2,7 @@
 
 ``python -m src.aggregate`` reads params.yaml's grid (never globs, so files of removed cells are
 ignored), the per-cell metrics/provenance written by ``src.train`` and the reference numbers in
-conf/reference/, and writes reports/results.{csv,md}, reports/summary.json and two figures.
+conf/reference/, and writes reports/results.{csv,md}, reports/summary.json and the figures.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ ROW_LABELS = {
 }
 INVARIANCE = {"r": "angle", "rts": "scale"}  # recorded distortion parameter to bin the test error by
 BASELINE_PAIRS = [("fcn", "st_fcn"), ("cnn", "st_cnn")]
+TRANSFORM_PANELS = ("st_fcn", "st_fcn_tps", "st_cnn", "st_cnn_tps")  # paper Table 1 (right): aff and tps
+DEVIATION = 1.3  # flag cells worse than the paper by more than 30 % relative
 
 
 def cell_key(model: str, data: str, seed: int) -> str:
@@ -154,6 +156,39 @@ def plot_invariance(grid: dict, reports: Path, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_transforms(grid: dict, reports: Path, out_dir: Path) -> None:
+    """One figure per distortion: the learned transforms (``transforms.png`` of each cell, first seed)
+    of ST-FCN and ST-CNN, affine and TPS, side by side; a figure says so when none was run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed = grid["seeds"][0]
+    for data in grid["distortions"]:
+        cells = [(m, f) for m in TRANSFORM_PANELS if m in grid["models"]
+                 and (f := reports / "cells" / cell_key(m, data, seed) / "transforms.png").is_file()]
+        fig, axes = plt.subplots(1, max(len(cells), 1), figsize=(7 * max(len(cells), 1), 5.6), squeeze=False)
+        for ax, (model, f) in zip(axes[0], cells):
+            ax.imshow(plt.imread(f))
+            ax.set_title(f"{ROW_LABELS[model]} on {data.upper()} (seed {seed})", fontsize=12)
+        for ax in axes[0]:
+            ax.set_axis_off()
+        if not cells:
+            axes[0][0].text(0.5, 0.5, f"{data.upper()}: no ST cell run yet", ha="center", va="center")
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{data}.png", dpi=100, metadata={"Software": None})
+        plt.close(fig)
+
+
+def deviations(df: pd.DataFrame, paper: dict) -> list[str]:
+    """Cells whose mean test error exceeds the paper's by more than DEVIATION× (explained in reports/analysis.md)."""
+    out = []
+    for (model, data), g in df[df.run].groupby(["model", "distortion"]):
+        ref = paper.get(model, {}).get(data)
+        ours = float(g.test_err.mean())
+        if ref and ours > DEVIATION * ref:
+            out.append(f"- {ROW_LABELS.get(model, model)} on {data.upper()}: {ours:.2f} % vs the paper's {ref} % "
+                       f"({ours / ref:.1f}×) at {', '.join(f'{int(s):,}' for s in sorted(set(g.steps)))} steps")
+    return out
+
+
 def summary(df: pd.DataFrame) -> dict:
     """Compact metrics for `dvc metrics diff`: mean test error per (distortion, model) that was run."""
     done = df[df.run]
@@ -212,7 +247,15 @@ def render(df, grid, counts, paper_ref, seed_ref, sources: str, profile_steps: i
         "",
         "![invariance](figures/invariance.png)",
         "",
-        "Learned transforms of every trained cell: `reports/cells/<cell>/transforms.png`.",
+        "Learned transforms (input with the sampled frame, and the transformer's output), per distortion: "
+        + ", ".join(f"[{d.upper()}](figures/transforms/{d}.png)" for d in grid["distortions"])
+        + "; of every trained cell: `reports/cells/<cell>/transforms.png`.",
+        "",
+        f"## Cells more than {int(round(100 * (DEVIATION - 1)))} % (relative) worse than the paper",
+        "",
+        *(deviations(df, paper_ref) or ["_none among the cells run_"]),
+        "",
+        "What we found about them: [analysis.md](analysis.md).",
         "",
         "## Every cell that was run",
         "",
@@ -239,6 +282,7 @@ def aggregate(root: Path = REPO) -> pd.DataFrame:
     (reports / "figures").mkdir(parents=True, exist_ok=True)
     plot_curves(grid, reports, reports / "figures" / "curves.png")
     plot_invariance(grid, reports, reports / "figures" / "invariance.png")
+    plot_transforms(grid, reports, reports / "figures" / "transforms")
     write_atomic(reports / "results.csv", df.to_csv(index=False))
     write_atomic(reports / "results.md", render(df, grid, counts, paper["err"], seed["err"], sources,
                                                        profile_steps, table_ckpt))
