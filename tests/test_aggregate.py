@@ -75,3 +75,25 @@ def test_aggregate_builds_table_marks_missing_and_ignores_stale(tmp_path):
     assert summary == {"cells_run": 3, "cells_total": 8, "err": {"r": {"fcn": 3.0, "st_fcn": 1.0}}}
     for name in ("curves.png", "invariance.png", "transforms/r.png", "transforms/rts.png"):
         assert (root / "reports/figures" / name).stat().st_size > 1000, name
+
+
+def test_decision_table_replaces_its_own_block_only(tmp_path, monkeypatch):
+    from src import decide
+
+    page = tmp_path / "decisions.md"
+    page.write_text("# Decisions\n\nprose\n")
+    monkeypatch.setattr(decide, "PAGE", page)
+
+    def rows(model, errs):
+        return [{"model": model, "data": "r", "steps": 40000, "seed": 0, "momentum": m, "loader.mode": mode,
+                 "val err % (last)": e, "val err % (best)": e, "device": "cpu", "commit": "abc"}
+                for (m, mode), e in zip([(0.0, "fixed"), (0.0, "fresh"), (0.9, "fixed"), (0.9, "fresh")], errs)]
+
+    decide.write_table(rows("fcn", [7.0, 5.0, 3.0, 2.5]), ["model=fcn"])
+    decide.write_table(rows("st_fcn", [4.0, 3.0, 1.0, 2.0]), ["model=st_fcn"])
+    decide.write_table(rows("fcn", [7.0, 5.0, 2.0, 2.5]), ["model=fcn"])  # rerun: replaces the fcn block
+    text = page.read_text()
+    assert text.startswith("# Decisions\n\nprose\n")
+    assert text.count("### fcn on R") == 1 and text.count("### st_fcn on R") == 1
+    fcn_block = text.split("### fcn on R")[1].split("###")[0]
+    assert "momentum 0.9, `loader.mode=fixed`" in fcn_block and "python -m src.decide model=fcn" in fcn_block

@@ -165,3 +165,11 @@ def test_tampered_data_is_refused_by_checksum(synthetic_data, tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert "val.pt" in last and "sha256" in last and "dvc repro distort@r" in last, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_literal_reading_is_one_override_away():
+    literal, default = cfg_for("+experiment=literal"), cfg_for()
+    assert (literal.optim.momentum, literal.loader.mode) == (0.0, "fixed")
+    assert (default.optim.momentum, default.loader.mode) != (0.0, "fixed")
+    assert {k: v for k, v in literal.optim.items() if k != "momentum"} == \
+        {k: v for k, v in default.optim.items() if k != "momentum"}
