@@ -2,8 +2,9 @@
 
 Each setting is an ordinary training run (``src.train.train``) whose record goes to
 ``reports/decisions/<tag>/``; runs whose metrics exist are not repeated, and an interrupted one
-resumes. The table is then written into reports/decisions.md between the markers below. Only
-validation error is read here: the test set plays no part in a decision.
+resumes; a record made under another config (any other override) is retrained. The table is then
+written into reports/decisions.md between the markers below. Only validation error is read here:
+the test set plays no part in a decision.
 
     python -m src.decide                                 # FCN on R, 40k steps (trainer=short)
     python -m src.decide model=st_fcn trainer=quick      # any other model / budget
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from omegaconf import OmegaConf
+
 from src.runinfo import REPO, UserError, compose_config, write_atomic
 
 MOMENTA = (0.0, 0.9)
@@ -29,8 +32,26 @@ PAGE = REPO / "reports" / "decisions.md"
 BEGIN, END = "<!-- decide:begin -->", "<!-- decide:end -->"
 
 
+def result_config(config: dict) -> dict:
+    """The part of a resolved config that decides the result (where a run writes and how it talks do not)."""
+    from src.train import NON_RESULT_KEYS
+
+    return {k: v for k, v in config.items() if k not in NON_RESULT_KEYS}
+
+
+def recorded(out: Path, cfg) -> bool:
+    """True when ``out`` holds a finished run of exactly this config."""
+    try:
+        prov = json.loads((out / "provenance.json").read_text())
+    except (OSError, ValueError):
+        return False
+    current = OmegaConf.to_container(cfg, resolve=True)
+    return (out / "metrics.json").is_file() and result_config(prov.get("config", {})) == result_config(current)
+
+
 def run_setting(overrides: list[str], momentum: float, mode: str) -> dict:
-    """Train one setting unless its metrics exist; return a table row."""
+    """Train one setting unless a record of the same config exists; return a table row."""
+    from src.models.module import NonFiniteLoss
     from src.train import train  # Lightning is only imported when a run is needed
 
     setting = [*overrides, f"optim.momentum={momentum}", f"loader.mode={mode}"]
@@ -40,11 +61,13 @@ def run_setting(overrides: list[str], momentum: float, mode: str) -> dict:
     cfg = compose_config([*setting, "quiet=true", f"paths.run_dir={REPO / 'runs' / 'decisions' / tag}",
                           f"paths.metrics_file={out / 'metrics.json'}", f"paths.curve_file={out / 'curve.csv'}",
                           f"paths.cell_dir={out}"])
-    metrics_file = Path(cfg.paths.metrics_file)
-    if not metrics_file.is_file():
+    if not recorded(out, cfg):
         print(f"decide: training {tag}", flush=True)
-        train(cfg)
-    m = json.loads(metrics_file.read_text())
+        try:
+            train(cfg)
+        except NonFiniteLoss as e:
+            raise UserError(f"{tag}: {e}") from None
+    m = json.loads(Path(cfg.paths.metrics_file).read_text())
     prov = json.loads((out / "provenance.json").read_text())
     return {"model": cfg.model.name, "data": cfg.data.name, "steps": m["steps"], "seed": cfg.seed,
             "momentum": momentum, "loader.mode": mode, "val err % (last)": m["val"]["err_last"],
