@@ -10,10 +10,11 @@ and reported as medians, so a noisy shared machine slows both sides alike:
 2. cost of the transformer: one SGD training step of each ST model vs its baseline, per distortion;
 3. training-loop efficiency: our Lightning loop (module + datamodule of ``src.train``) vs a minimal
    hand-written loop on the same model and data, and where the step time goes;
-4. whole-grid time at the paper's budget, projected from 2 and 3 and checked against the full
-   runs whose records are in reports/cells/.
+4. whole-grid time at the paper's budget, projected from 2 and 3, shown beside the runs whose
+   records are in reports/cells/.
 
-Reads data/raw/mnist.pt (``dvc repro prepare``) for 3. Writes reports/benchmarks.md (or ``--out``).
+Needs kornia (``pip install -e ".[test]"``) and the data of ``dvc repro distort@r`` for 3 and 4.
+Writes reports/benchmarks.md (or ``--out``).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -36,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from src.data.warps import distort_batch  # noqa: E402
-from src.runinfo import compose_config, device_name, git_commit, versions, write_atomic  # noqa: E402
+from src.runinfo import UserError, compose_config, device_name, git_commit, versions, write_atomic  # noqa: E402
 from src.stn.transformer import SpatialTransformer  # noqa: E402
 
 SIZES = (28, 42, 60)
@@ -211,14 +214,24 @@ def bench_overhead(dev, rounds: int, calls: int, distortions) -> pd.DataFrame:
 
 # ------------------------------------------------------------------ 3. training loop
 
-def bench_loop(dev, steps: int, rounds: int, model: str = "st_fcn", data: str = "r") -> tuple[pd.DataFrame, dict]:
-    """Our Lightning fit vs a hand-written loop over the same datamodule batches (fresh distortions)."""
+def bench_loop(dev, steps: int, rounds: int, extra: list[str], model: str = "st_fcn",
+               data: str = "r") -> tuple[pd.DataFrame, dict]:
+    """``src.train``'s own Trainer (make_trainer: checkpointing, CSV logging, curve recorder; validation
+    off) vs a hand-written loop over the same datamodule batches (fresh distortions)."""
+    import tempfile
+
     import pytorch_lightning as pl
 
+    from src.callbacks import CurveRecorder
     from src.data.datamodule import DistortedMNIST
     from src.models.module import Classifier
+    from src.train import build_model, make_trainer, quiet_lightning
 
-    cfg, net = build(model, data)
+    run_dir = tempfile.mkdtemp(prefix="bench-loop-")
+    cfg = compose_config([*extra, f"model={model}", f"data={data}", "quiet=true", f"paths.run_dir={run_dir}",
+                          f"trainer.accelerator={'gpu' if dev.type == 'cuda' else 'cpu'}",
+                          f"trainer.max_steps={steps + 1}", "trainer.limit_val_batches=0"])
+    net = build_model(cfg)[0]
     init = {k: v.clone() for k, v in net.state_dict().items()}
     dm = DistortedMNIST(cfg.data, cfg.loader, cfg.paths, cfg.stn.align_corners, cfg.seed)
 
@@ -237,83 +250,73 @@ def bench_loop(dev, steps: int, rounds: int, model: str = "st_fcn", data: str = 
         net.load_state_dict(init)
         module = Classifier(net, OmegaConf.to_container(cfg.optim, resolve=True), steps + 1)
         clock = Clock()
-        trainer = pl.Trainer(accelerator="gpu" if dev.type == "cuda" else "cpu", devices=1, max_steps=steps + 1,
-                             max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             callbacks=[clock])
-        trainer.fit(module, datamodule=dm)
+        make_trainer(cfg, [CurveRecorder(), clock], "bench").fit(module, datamodule=dm)
         return clock.per_step
 
-    def plain() -> tuple[float, float, float]:
-        """(seconds per step, of which batch making, of which model fwd+bwd+update)."""
+    def plain(split: bool = False) -> tuple[float, float, float]:
+        """Seconds per step; with ``split``, synchronised after the batch and after the update to
+        give (per step, of which batch making, of which model fwd+bwd+update)."""
         net.load_state_dict(init)
         model_ = net.to(dev)
         dm.train_images, dm.train_labels = dm.train_images.to(dev), dm.train_labels.to(dev)
         opt = torch.optim.SGD(model_.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
         t_data = t_model = 0.0
-        for step in range(steps + 1):
-            sync(dev)
+        x, y = dm.train_batch(0)  # warm-up step, not timed
+        F.cross_entropy(model_(x), y).backward()
+        sync(dev)
+        t_start = time.perf_counter()
+        for step in range(1, steps + 1):
             t0 = time.perf_counter()
             x, y = dm.train_batch(step)
-            sync(dev)
+            if split:
+                sync(dev)
             t1 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model_(x), y).backward()
             opt.step()
-            sync(dev)
+            if split:
+                sync(dev)
             t2 = time.perf_counter()
-            if step:
-                t_data, t_model = t_data + t1 - t0, t_model + t2 - t1
-        return (t_data + t_model) / steps, t_data / steps, t_model / steps
+            t_data, t_model = t_data + t1 - t0, t_model + t2 - t1
+        sync(dev)
+        return (time.perf_counter() - t_start) / steps, t_data / steps, t_model / steps
 
-    with _quiet_lightning():
+    quiet_lightning(True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
         dm.trainer = None
         dm.setup("fit")
-        res = {"lightning": [], "plain": [], "t_data": [], "t_model": []}
+        res = {"lightning": [], "plain": []}
         for _ in range(rounds):
             res["lightning"].append(lightning())
-            p, d_, m_ = plain()
-            res["plain"].append(p)
-            res["t_data"].append(d_)
-            res["t_model"].append(m_)
+            res["plain"].append(plain()[0])
+        _, t_data, t_model = plain(split=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in res.items()}
+    med.update(t_data=t_data, t_model=t_model)
     table = pd.DataFrame([
-        {"loop": "Lightning (src.train's module + datamodule)", "ms / step": 1e3 * med["lightning"],
+        {"loop": "Lightning (src.train's Trainer, module and datamodule)", "ms / step": 1e3 * med["lightning"],
          "steps / s": 1 / med["lightning"]},
         {"loop": "hand-written loop, same model and batches", "ms / step": 1e3 * med["plain"], "steps / s": 1 / med["plain"]},
-        {"loop": "  of which: making the batch (fresh distortion)", "ms / step": 1e3 * med["t_data"], "steps / s": float("nan")},
-        {"loop": "  of which: model forward + backward + update", "ms / step": 1e3 * med["t_model"], "steps / s": float("nan")},
+        {"loop": "  split (a separate, synchronised pass): making the batch", "ms / step": 1e3 * t_data,
+         "steps / s": float("nan")},
+        {"loop": "  split: model forward + backward + update", "ms / step": 1e3 * t_model, "steps / s": float("nan")},
     ])
     med.update(model_name=model, data=data, steps=steps, rounds=rounds)
     return table, med
 
 
-class _quiet_lightning:
-    def __enter__(self):
-        import logging
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.filterwarnings("ignore")
-        for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        self._w.__exit__(*exc)
-
-
 # ------------------------------------------------------------------ 4. whole grid
 
-def data_time(dev, rounds: int, calls: int, distortions) -> dict[str, float]:
+def data_time(dev, rounds: int, calls: int, distortions, extra: list[str]) -> dict[str, float]:
     """Seconds to draw one fresh training batch per distortion (the `fresh` loader's extra work)."""
     from src.data.mnist import load_raw
 
-    raw = load_raw(REPO / "data" / "raw" / "mnist.pt")["train"]["images"][: 4 * BATCH].to(dev)
+    raw = load_raw(Path(compose_config(extra).paths.raw_file))["train"]["images"][: 4 * BATCH].to(dev)
     x = raw[:BATCH].float() / 255
     fns = {}
     for d in distortions:
-        cfg = compose_config([f"data={d}"])
+        cfg = compose_config([*extra, f"data={d}"])
         g = torch.Generator(device=dev).manual_seed(0)
         fns[d] = (lambda cfg=cfg, g=g: distort_batch(x, cfg.data, g, align_corners=False,
                                                       clutter_pool=raw if cfg.data.name == "tc" else None))
@@ -321,15 +324,18 @@ def data_time(dev, rounds: int, calls: int, distortions) -> dict[str, float]:
 
 
 def measured_cells() -> pd.DataFrame:
-    """Full runs recorded by the pipeline: their wall time per step."""
+    """Runs recorded by the pipeline (any profile), with their wall time per step including evaluation."""
     rows = []
     for p in sorted((REPO / "reports" / "cells").glob("*/provenance.json")):
-        prov = json.loads(p.read_text())
-        if prov.get("resumed_from_step"):
+        try:
+            prov = json.loads(p.read_text())
+            fit_s, steps = float(prov["fit_seconds_this_process"]), int(prov["steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a record from an older format
+        if prov.get("resumed_from_step") or not steps:
             continue  # a resumed run's clock covers only part of it
-        rows.append({"cell": p.parent.name, "steps": prov["steps"], "device": prov["device"],
-                     "fit (min)": prov["fit_seconds_this_process"] / 60,
-                     "ms / step": 1e3 * prov["fit_seconds_this_process"] / prov["steps"]})
+        rows.append({"cell": p.parent.name, "steps": steps, "device": prov.get("device", "?"),
+                     "fit (min)": fit_s / 60, "ms / step": 1e3 * fit_s / steps})
     return pd.DataFrame(rows)
 
 
@@ -355,18 +361,20 @@ def fmt(df: pd.DataFrame) -> str:
     return df.to_markdown(index=False, floatfmt=".3g")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--calls", type=int, default=5, help="calls per round in 1 and 2")
-    ap.add_argument("--loop-steps", type=int, default=300)
-    ap.add_argument("--distortions", default=",".join(DISTORTIONS))
-    ap.add_argument("--out", default=str(REPO / "reports" / "benchmarks.md"))
-    a = ap.parse_args()
+def run(a: argparse.Namespace) -> None:
     dev = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dists = [d for d in a.distortions.split(",") if d]
     torch.manual_seed(0)
+    import kornia  # a test-only dependency: fail early, before any timing
+
+    from src.data.distort import load_split
+    from src.data.mnist import load_raw
+
+    paths = compose_config(a.set).paths  # the data of 3 and 4, checked before any timing
+    load_raw(Path(paths.raw_file))
+    load_split(Path(paths.data_dir) / "r", "val")
 
     t_start = time.time()
     print("1/4 transformer forward+backward …", flush=True)
@@ -374,13 +382,12 @@ def main() -> None:
     print("2/4 training step, ST vs baseline …", flush=True)
     t2 = bench_overhead(dev, a.rounds, max(1, a.calls // 2), dists)
     print("3/4 Lightning vs hand-written loop …", flush=True)
-    t3, loop = bench_loop(dev, a.loop_steps, max(2, a.rounds // 2))
+    t3, loop = bench_loop(dev, a.loop_steps, max(2, a.rounds // 2), a.set)
     print("4/4 whole grid …", flush=True)
-    data_s = data_time(dev, a.rounds, a.calls, dists)
+    data_s = data_time(dev, a.rounds, a.calls, dists, a.set)
     per_cell, grid = project_grid(t2, data_s, loop)
     cells = measured_cells()
 
-    import kornia
     v = versions()
     v["kornia"] = kornia.__version__
     load = os.getloadavg()
@@ -395,12 +402,14 @@ def main() -> None:
         f"Machine: {device_name(dev)}; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
         f"(1 / 5 / 15 min; other jobs were running when it is above 0.5 per core). Versions: "
         + ", ".join(f"{k} {val}" for k, val in v.items()) + f". Commit {git_commit()[:10]}. Batch {BATCH}, "
-        f"float32; every ratio comes from interleaved rounds of the two sides in this one run "
-        f"(median of {a.rounds} rounds × {a.calls} calls).",
+        f"float32; every ratio comes from interleaved rounds of the two sides in this one run, as the "
+        f"median over rounds (sections 1 and 4: {a.rounds} rounds × {a.calls} calls; section 2: {a.rounds} "
+        f"rounds × {max(1, a.calls // 2)} steps; section 3: {max(2, a.rounds // 2)} loops of {a.loop_steps} steps each).",
         "",
         "## 1. Transformer forward + backward (grid generator + bilinear sampler)",
         "",
-        "Gradients w.r.t. the input and θ; θ near the identity. `theirs / ours` > 1 means ours is faster. "
+        "Gradients w.r.t. the input and θ, θ near the identity; the whole-STN rows run the localisation "
+        "net too, with gradients w.r.t. its parameters. `theirs / ours` > 1 means ours is faster. "
         "Projective runs with align_corners=True on both sides so that the outputs can be compared "
         "(`max |Δ output|`); kornia's TPS is a different interpolant (kernel centres on the targets), so "
         "only its cost is compared.",
@@ -420,9 +429,10 @@ def main() -> None:
         "",
         f"{loop['model_name']} on {loop['data'].upper()}, fresh distortions, {loop['steps']} steps per loop, "
         f"median of {loop['rounds']} rounds. Lightning reaches {ratio:.2f} of the hand-written loop's throughput "
-        f"(target ≥ 0.9: {'met' if ratio >= 0.9 else 'not met'}); {100 * outside:.0f} % of a Lightning step is "
-        f"spent outside the model's forward/backward/update ({100 * loop['t_data'] / loop['lightning']:.0f} % "
-        f"drawing the fresh distortions, the rest is loop and framework).",
+        f"(target ≥ 0.9: {'met' if ratio >= 0.9 else 'not met'}). Measured in the synchronised split pass, the "
+        f"model's forward/backward/update takes {1e3 * loop['t_model']:.2f} ms per step, so {100 * outside:.0f} % of a "
+        f"Lightning step is spent outside the model: {1e3 * loop['t_data']:.2f} ms drawing the fresh distortions, "
+        f"the rest loop and framework. Validation is off in both loops.",
         "",
         fmt(t3),
         "",
@@ -430,7 +440,8 @@ def main() -> None:
         "",
         "Projected per cell from section 2's step time plus a fresh batch of that distortion "
         f"({', '.join(f'{d.upper()} {1e3 * s:.1f} ms' for d, s in data_s.items())}), times the Lightning/plain "
-        "factor of section 3; evaluation (75 validations of 10k images) adds about 1 %.",
+        "factor of section 3. The projection leaves out evaluation (75 validations of 10k images per "
+        "cell); the recorded runs at the end include it.",
         "",
         fmt(grid),
         "",
@@ -440,13 +451,33 @@ def main() -> None:
         "",
         "</details>",
         "",
-        "Full runs recorded by the pipeline (reports/cells/*/provenance.json; resumed runs left out):",
+        "Runs recorded by the pipeline (reports/cells/*/provenance.json; resumed runs left out), "
+        "training and evaluation together, on the hardware named in each row:",
         "",
         fmt(cells) if len(cells) else "(none yet)",
         "",
     ]
     write_atomic(Path(a.out), "\n".join(lines))
     print(f"bench: wrote {a.out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=5, help="calls per round in 1, 2 and 4")
+    ap.add_argument("--loop-steps", type=int, default=300)
+    ap.add_argument("--distortions", default=",".join(DISTORTIONS))
+    ap.add_argument("--out", default=str(REPO / "reports" / "benchmarks.md"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for the data of 3 and 4, e.g. paths.data_dir=... (repeatable)")
+    try:
+        run(ap.parse_args())
+    except ImportError as e:
+        sys.exit(f"error: {e.name or e} is needed by the benchmark; install it with: pip install -e \".[test]\"")
+    except UserError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

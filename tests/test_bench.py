@@ -1,0 +1,44 @@
+"""The speed benchmark runs end to end (one tiny round) and writes every section with real numbers."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from src.runinfo import REPO
+
+
+@pytest.mark.slow
+def test_bench_stn_writes_every_section(tmp_path, synthetic_data):
+    out = tmp_path / "benchmarks.md"
+    r = subprocess.run(
+        [sys.executable, "bench/bench_stn.py", "--device", "cpu", "--rounds", "1", "--calls", "1", "--loop-steps", "3",
+         "--distortions", "r", "--out", str(out), "--set", f"paths.raw_file={synthetic_data['raw_file']}",
+         "--set", f"paths.data_dir={synthetic_data['data_dir']}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = out.read_text()
+    for section in ("## 1. Transformer", "## 2. Cost of the transformer", "## 3. Training-loop", "## 4. Whole-grid"):
+        assert section in md, section
+    # every transform and size of section 1 was timed, with a positive ratio
+    table = md.split("## 1.")[1].split("## 2.")[0]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()
+            if re.match(r"\| (aff|proj|tps)", line)]
+    assert {(r[0], r[1]) for r in rows} == {(t, f"{n}×{n}") for t in ("aff", "proj", "tps", "aff (whole STN)")
+                                            for n in (28, 42, 60)}
+    assert all(float(r[5]) > 0 for r in rows)  # theirs / ours
+    # the projective warp agrees with kornia's to float precision
+    assert all(float(r[8]) < 1e-4 for r in rows if r[0] == "proj")
+
+
+def test_bench_stn_missing_data_is_one_line(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "bench/bench_stn.py", "--rounds", "1", "--calls", "1", "--loop-steps", "2", "--distortions", "r",
+         "--out", str(tmp_path / "b.md"), "--set", f"paths.raw_file={tmp_path}/none.pt",
+         "--set", f"paths.data_dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "b.md").exists()
