@@ -115,6 +115,27 @@ def test_a_changed_config_does_not_resume_a_stale_checkpoint(smoke, tmp_path):
     assert prov["resumed_from_step"] == 0 and m["steps"] == 20
 
 
+def test_resume_fingerprint_covers_exactly_the_training_code(tmp_path, monkeypatch):
+    """The code hashed for resume = the code deps of dvc.yaml's train stage; other code may change
+    under a running cell (a report edit must not throw away its checkpoints)."""
+    import shutil
+
+    import yaml
+
+    from src import runinfo
+
+    train_deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["deps"]
+    assert set(runinfo.TRAIN_CODE) == {d for d in train_deps if d.startswith("src/")}
+    shutil.copytree(REPO / "src", tmp_path / "src")
+    monkeypatch.setattr(runinfo, "REPO", tmp_path)
+    before = runinfo.code_fingerprint()
+    (tmp_path / "src/aggregate.py").write_text("# edited\n")
+    assert runinfo.code_fingerprint() == before
+    with open(tmp_path / "src/stn/grids.py", "a") as f:
+        f.write("# edited\n")
+    assert runinfo.code_fingerprint() != before
+
+
 def run_cli(*args: str):
     return subprocess.run([sys.executable, "-m", "src.train", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
