@@ -41,4 +41,5 @@ def test_bench_stn_missing_data_is_one_line(tmp_path):
          "--set", f"paths.data_dir={tmp_path}"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "none.pt not found" in r.stderr and "dvc repro" in r.stderr, r.stderr  # the data, not a missing package
     assert not (tmp_path / "b.md").exists()

@@ -37,9 +37,15 @@ def test_every_model_is_within_the_budget(name, hw, ds):
     assert abs(n - budget(hw)) <= tol * budget(hw), (n, budget(hw))
 
 
-def test_budget_follows_the_config():
-    b = config().budget
-    assert b.rule == "match" and budget(28) == classifier_params(b.family, (28, 28), list(b.widths))
+@pytest.mark.parametrize("data, expected", [("r", 118_282), ("rts", 243_722), ("p", 118_282), ("e", 118_282),
+                                            ("tc", 478_730)])
+def test_training_budget_is_the_fcn_128_128_count(data, expected):
+    """The budget src.train holds every network to: FCN 128-128 at the canvas (paper.md §2.1 table)."""
+    from src.runinfo import compose_config
+    from src.train import build_model
+
+    cfg = compose_config(["model=fcn", f"data={data}"])
+    assert cfg.budget.rule == "match" and build_model(cfg)[1] == expected == budget(cfg.data.canvas)
 
 
 @pytest.mark.parametrize("family, hw, widths, ceil_mode, expected", CLASSIFIER_PARAMS)

@@ -67,9 +67,9 @@ def test_dvc_repro_end_to_end_and_a_fresh_clone_retrains_nothing(tmp_path):
     out = sh(repo, "dvc", "repro")
     assert "Running stage 'train@st_fcn-r-0'" in out
     results = (repo / "reports/results.md").read_text()
-    assert "not run" in results  # the rows of the full table not in this grid
-    st_row = next(line for line in results.splitlines() if line.startswith("| ST-FCN Aff"))
-    assert "not run" not in st_row.split("|")[2]  # R column of a cell that ran
+    for label in ("FCN", "ST-FCN Aff"):  # both cells of the grid ran, and show their error
+        row = next(line for line in results.splitlines() if line.startswith(f"| {label} "))
+        assert row.split("|")[2].strip().startswith("**"), row  # R column: "**err** (1) · paper · …"
     metrics = json.loads(sh(repo, "dvc", "metrics", "show", "--json"))
     assert any("reports/metrics/st_fcn-r-0.json" in json.dumps(v) for v in metrics.values())
     summary = json.loads((repo / "reports/summary.json").read_text())

@@ -154,7 +154,8 @@ def test_bad_key_is_one_line():
 
 
 def test_missing_data_names_the_stage(tmp_path):
-    r = run_cli("data=rts", f"paths.data_dir={tmp_path}", f"paths.run_dir={tmp_path / 'run'}", "quiet=true")
+    r = run_cli("data=rts", "trainer=smoke", f"paths.data_dir={tmp_path}", f"paths.run_dir={tmp_path / 'run'}",
+                "quiet=true")
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "dvc repro distort@rts" in last, r.stderr
@@ -180,7 +181,7 @@ def test_tampered_data_is_refused_by_checksum(synthetic_data, tmp_path):
         b = f.read(1)
         f.seek(-100, 2)
         f.write(bytes([b[0] ^ 1]))
-    r = run_cli("model=fcn", f"paths.data_dir={data_dir}", f"paths.raw_file={synthetic_data['raw_file']}",
+    r = run_cli("model=fcn", "trainer=smoke", f"paths.data_dir={data_dir}", f"paths.raw_file={synthetic_data['raw_file']}",
                 f"paths.run_dir={tmp_path / 'run'}", "quiet=true")
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
