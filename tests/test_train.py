@@ -10,9 +10,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 
 from src.models.module import Classifier
+from src.runinfo import compose_config
 from src.train import CONF_DIR, REPO, build_model, train
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
@@ -20,8 +20,7 @@ DATASETS = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
 
 
 def cfg_for(*overrides: str):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose_config(list(overrides))
 
 
 @pytest.fixture
