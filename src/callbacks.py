@@ -1,20 +1,28 @@
-"""Small Lightning callbacks: the learning curve (one row per validation) and plain-text progress."""
+"""Lightning callbacks of a cell run: its learning curve, its progress lines, the time and commit of
+every segment of a resumed run, the guard against a diverging run and the stop on a signal.
+
+Every callback with state keeps it in the checkpoint (plain Python values), so a resumed run
+continues its curve, its segment list and its guard exactly where the interrupted one stopped.
+"""
 
 from __future__ import annotations
 
-import sys
+import logging
+import os
+import signal
 import time
+from pathlib import Path
 
 import pytorch_lightning as pl
 
+from src.runinfo import UserError, device_name, git_commit
+
 CURVE_KEYS = ["step", "train_loss", "val_loss", "val_err", "lr"]
+log = logging.getLogger("src.train")
 
 
 class CurveRecorder(pl.Callback):
-    """Keeps one row per validation: step, train_loss, val_loss, val_err, lr and the stn/* θ statistics.
-
-    The rows travel in the checkpoint (plain floats), so a resumed run keeps its whole curve.
-    """
+    """One row per validation: step, train_loss, val_loss, val_err, lr and the stn/* θ statistics."""
 
     def __init__(self):
         self.rows: list[dict] = []
@@ -39,16 +47,54 @@ class CurveRecorder(pl.Callback):
     def load_state_dict(self, state_dict):
         self.rows = list(state_dict["rows"])
 
-    def to_csv(self) -> str:
-        keys = CURVE_KEYS + sorted({k for r in self.rows for k in r} - set(CURVE_KEYS))
-        lines = [",".join(keys)]
-        for r in self.rows:
-            lines.append(",".join("" if k not in r else (str(r[k]) if k == "step" else f"{r[k]:.6g}") for k in keys))
-        return "\n".join(lines) + "\n"
 
 
-class LinePrinter(pl.Callback):
-    """One line per validation for logs that are not a terminal (e.g. under `dvc repro`)."""
+def curve_csv(rows: list[dict]) -> str:
+    """The learning curve as CSV: the fixed columns, then the θ statistics in name order."""
+    keys = CURVE_KEYS + sorted({k for r in rows for k in r} - set(CURVE_KEYS))
+    lines = [",".join(keys)]
+    for r in rows:
+        lines.append(",".join("" if k not in r else (str(r[k]) if k == "step" else f"{r[k]:.6g}") for k in keys))
+    return "\n".join(lines) + "\n"
+
+
+class Diverged(UserError):
+    pass
+
+
+class DivergenceGuard(pl.Callback):
+    """Stops a run that has left the band of a working one, before it writes a normal-looking record.
+
+    - the training loss above ``factor`` × its first logged value at ``patience`` validations in a row;
+    - the validation error still at chance (≥ ``chance_err`` %) at the first validation after the first
+      learning-rate phase (``first_milestone``), if that phase has at least ``min_phase_steps`` steps.
+    The thresholds are ``guard.*`` in conf/config.yaml.
+    """
+
+    def __init__(self, curve: CurveRecorder, first_milestone: int, loss_factor: float, patience: int,
+                 chance_err: float, min_phase_steps: int):
+        self.curve = curve
+        self.first_milestone = int(first_milestone) if first_milestone >= min_phase_steps else 0
+        self.factor, self.patience, self.chance_err = loss_factor, patience, chance_err
+
+    def on_validation_end(self, trainer, pl_module):
+        rows = self.curve.rows
+        if trainer.sanity_checking or not rows:
+            return
+        first, last = rows[0]["train_loss"], rows[-1]
+        recent = [r["train_loss"] for r in rows[1:]][-self.patience:]
+        if len(recent) == self.patience and all(v > self.factor * first for v in recent):
+            raise Diverged(f"training loss {recent[-1]:.3g} at step {last['step']} is above {self.factor:g}× its first "
+                           f"value {first:.3g} at {self.patience} validations in a row: the run diverged; "
+                           f"try a lower optim.lr")
+        if self.first_milestone and last["step"] >= self.first_milestone and last["val_err"] >= self.chance_err \
+                and not any(r["step"] >= self.first_milestone for r in rows[:-1]):
+            raise Diverged(f"validation error {last['val_err']:.1f} % at step {last['step']} is still at chance after "
+                           f"the first learning-rate phase: the run is not learning; check optim.lr and the data")
+
+
+class ProgressLog(pl.Callback):
+    """One log line per validation (cell, step/total, val error, speed, ETA): the terminal and train.log."""
 
     def __init__(self, label: str, max_steps: int):
         self.label, self.max_steps = label, max_steps
@@ -64,5 +110,87 @@ class LinePrinter(pl.Callback):
         rate = (step - self.step0) / max(time.time() - self.t0, 1e-9)
         eta = (self.max_steps - step) / rate if rate > 0 else float("nan")
         err = float(trainer.callback_metrics["val/err"])
-        print(f"[{self.label}] step {step}/{self.max_steps}  val err {err:.2f} %  "
-              f"{rate:.0f} it/s  eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
+        log.info(f"[{self.label}] step {step}/{self.max_steps}  val err {err:.2f} %  {rate:.0f} it/s  "
+                 f"eta {eta / 60:.1f} min")
+
+
+class Segments(pl.Callback):
+    """Provenance of every process that worked on the run: commit at its start, device, steps, wall time."""
+
+    def __init__(self):
+        self.done: list[dict] = []
+        self.current: dict | None = None
+        self._t0, self._trainer = 0.0, None
+
+    def on_train_start(self, trainer, pl_module):
+        self._t0, self._trainer = time.time(), trainer
+        self.current = {"commit": git_commit(), "device": device_name(trainer.strategy.root_device),
+                        "from_step": int(trainer.global_step), "to_step": int(trainer.global_step), "seconds": 0.0}
+
+    def segments(self) -> list[dict]:
+        """Every segment so far, the running one updated to now."""
+        if self.current is not None:
+            self.current.update(to_step=int(self._trainer.global_step), seconds=round(time.time() - self._t0, 1))
+        return [*self.done, *([self.current] if self.current else [])]
+
+    def state_dict(self):
+        return {"segments": self.segments()}
+
+    def load_state_dict(self, state_dict):
+        self.done = list(state_dict["segments"])
+
+
+class Stopped(UserError):
+    """The run was stopped by a signal after writing a checkpoint; exit 128 + signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class SignalStop(pl.Callback):
+    """SIGTERM (timeout, Slurm) and SIGINT (Ctrl-C) stop the run after the current step with a checkpoint.
+
+    ``install()`` replaces the handlers for the life of a run (Lightning would turn Ctrl-C into exit 1);
+    Lightning's own SIGTERM handling, which ends the fit between two steps, lands in ``on_exception``.
+    """
+
+    def __init__(self, ckpt_path: Path):
+        self.ckpt_path = Path(ckpt_path)
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def install(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handler)
+
+    def uninstall(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def save(self, trainer) -> None:
+        tmp = self.ckpt_path.with_name(f".{self.ckpt_path.name}.tmp")
+        trainer.save_checkpoint(tmp)
+        os.replace(tmp, self.ckpt_path)
+
+    def stopped(self, step: int) -> Stopped:
+        name = signal.Signals(self.signum).name
+        return Stopped(f"stopped by {name} at step {step}; rerun the same command to resume", self.signum)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.signum is not None:
+            self.save(trainer)
+            raise self.stopped(trainer.global_step)
+
+    def on_exception(self, trainer, pl_module, exception):
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException):  # Lightning stopped between two steps: state is consistent
+            self.signum = self.signum or signal.SIGTERM
+            self.save(trainer)

@@ -17,7 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class UserError(Exception):
-    """An expected failure: printed as one line, exit code 1, no traceback."""
+    """An expected failure: printed as one line, exit code ``exit_code`` (1), no traceback."""
+
+    exit_code = 1
 
 
 def sha256_file(path: Path) -> str:
@@ -86,16 +88,19 @@ def device_name(device: torch.device) -> str:
     return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-# The code a trained cell depends on: the code deps of dvc.yaml's train stage (a test keeps the two equal).
-TRAIN_CODE = ("src/train.py", "src/callbacks.py", "src/runinfo.py", "src/stn", "src/models", "src/data/datamodule.py",
-              "src/data/distort.py", "src/data/mnist.py", "src/data/warps.py", "src/viz.py")
+def train_code() -> list[str]:
+    """The code a trained cell depends on: the ``src/`` deps of dvc.yaml's train stage, written there only."""
+    import yaml
+
+    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["deps"]
+    return [d for d in deps if d.startswith("src/")]
 
 
 def code_fingerprint() -> str:
     """Hash of the training code: a checkpoint is resumed only by the code that wrote it, while the
     report, the benchmarks and other tools can change under a running cell."""
     h = hashlib.sha256()
-    files = (f for dep in TRAIN_CODE for f in ((REPO / dep).rglob("*.py") if (REPO / dep).is_dir() else [REPO / dep]))
+    files = (f for dep in train_code() for f in ((REPO / dep).rglob("*.py") if (REPO / dep).is_dir() else [REPO / dep]))
     for p in sorted(files):
         h.update(p.relative_to(REPO).as_posix().encode())
         h.update(p.read_bytes())
@@ -115,6 +120,8 @@ def compose_config(overrides: list[str], config_name: str = "config"):
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException, MissingConfigException
+
+    import src.config  # noqa: F401 - registers the config's resolvers
 
     try:
         with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
@@ -136,4 +143,4 @@ def stage_main(argv: list[str] | None, work) -> None:
         print(work(cfg))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(e.exit_code)

@@ -1,19 +1,28 @@
 """Train and test one cell of Table 1: ``python -m src.train model=st_fcn data=r [trainer=quick] [seed=1]``.
 
-``train(cfg)`` is pure (tests call it); ``main`` is the thin Hydra app around it that turns expected
-failures (bad override, missing data, non-finite loss) into one line on stderr and exit code 1.
-Rerunning the same command after an interruption resumes from the last checkpoint.
+``train(cfg)`` is pure (tests call it); ``main`` is the thin Hydra app around it. Expected failures
+(a bad value, missing or mismatched data, a diverging run, a second run of the same cell) are one
+line on stderr and a non-zero exit; SIGTERM / Ctrl-C write a checkpoint and exit 143 / 130.
+Rerunning the same command resumes from the last checkpoint.
+
+A run directory holds one cell under any number of configs: ``<run_dir>/<fingerprint>/`` keeps the
+checkpoints of one (config, training code) pair, so nothing of another config is ever deleted.
+The record (metrics, curve, provenance, raw outcomes of the test set) is written only when the run
+is complete, each file atomically and the metrics file last.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import sys
-import time
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -24,16 +33,15 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from src.callbacks import CurveRecorder, LinePrinter  # noqa: E402
+from src.callbacks import CurveRecorder, DivergenceGuard, ProgressLog, Segments, SignalStop, curve_csv  # noqa: E402
+from src.config import cell_name, result_config, validate  # noqa: E402
 from src.data.datamodule import DistortedMNIST  # noqa: E402
-from src.models.module import Classifier, NonFiniteLoss  # noqa: E402
-from src.models.nets import Net, build_net, classifier_params  # noqa: E402
-from src.runinfo import (REPO, UserError, code_fingerprint, compose_config, device_name, git_commit, versions,  # noqa: E402
-                         write_atomic, write_json)
+from src.models.build import build_model  # noqa: E402
+from src.models.module import Classifier  # noqa: E402
+from src.runinfo import REPO, UserError, code_fingerprint, compose_config, versions, write_atomic, write_json  # noqa: E402
 
 CONF_DIR = REPO / "conf"
-# Keys that change where a run writes or how it talks, not what it computes.
-NON_RESULT_KEYS = ("paths", "quiet", "resume", "hydra")
+log = logging.getLogger("src.train")
 
 
 class _DropTips(logging.Filter):
@@ -49,163 +57,189 @@ def quiet_lightning(quiet: bool) -> None:
         for h in lg.handlers:
             h.addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*(does not have many workers|ended before the epoch ended"
+                                              "|is smaller than the logging interval|Checkpoint directory"
+                                              "|Experiment logs directory|`training_step` returns `None`).*")
 
 
-def build_model(cfg: DictConfig) -> tuple[Net, int | None]:
-    """The network of ``cfg.model`` sized to the distortion's parameter budget; returns (net, budget)."""
-    in_hw = (int(cfg.data.canvas), int(cfg.data.canvas))
-    budget = None
-    if cfg.budget.rule == "match":
-        budget = classifier_params(cfg.budget.family, in_hw, list(cfg.budget.widths))
-    elif cfg.budget.rule != "none":
-        raise UserError(f"budget.rule must be 'match' or 'none', got {cfg.budget.rule!r}")
-    net = build_net(cfg.model, in_hw, budget, cfg.stn, int(cfg.data.st_downsample))
-    n = net.param_counts()["total"]
-    if budget is not None and abs(n / budget - 1) > cfg.budget.tol:
-        raise UserError(f"{cfg.model.name} on {cfg.data.name}: {n} parameters, budget {budget} ± {cfg.budget.tol:.0%}")
-    return net, budget
+def run_fingerprint(cfg: DictConfig) -> str:
+    """Result-defining config + training code: checkpoints resume only under the same pair."""
+    return hashlib.sha256((json.dumps(result_config(cfg), sort_keys=True) + code_fingerprint()).encode()).hexdigest()
 
 
-def result_fingerprint(cfg: DictConfig) -> str:
-    """Config (minus paths and verbosity) + source code: checkpoints resume only under the same pair."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    for k in NON_RESULT_KEYS:
-        c.pop(k, None)
-    return hashlib.sha256((json.dumps(c, sort_keys=True) + code_fingerprint()).encode()).hexdigest()
+@contextlib.contextmanager
+def cell_lock(run_dir: Path, label: str):
+    """One process per run directory. The OS drops the lock when the process dies, so none is ever stuck."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"{label} is already running in {run_dir} (pid {pid}); wait for it or stop it first") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
-def prepare_run_dir(cfg: DictConfig) -> Path | None:
-    """Create the run dir; return the checkpoint to resume from, or None (stale checkpoints are removed)."""
-    run_dir = Path(cfg.paths.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    fp_file = run_dir / "fingerprint.txt"
-    fp = result_fingerprint(cfg)
-    last = ckpt_dir / "last.ckpt"
-    if cfg.resume and last.is_file() and fp_file.is_file() and fp_file.read_text().strip() == fp:
+def _readable_step(path: Path) -> int | None:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    except Exception:  # noqa: BLE001 - truncated, corrupt or foreign: not resumable
+        return None
+
+
+def resume_point(ckpt_dir: Path) -> Path | None:
+    """The checkpoint to resume from: ``last.ckpt``, or ``best.ckpt`` (announced) when the last one is
+    unreadable; None for a fresh start. Both unreadable: one line saying what to do."""
+    last, best = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
+    if not last.exists():
+        return None
+    if _readable_step(last) is not None:
         return last
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    write_atomic(fp_file, fp + "\n")
-    return None
+    step = _readable_step(best) if best.exists() else None
+    if step is None:
+        raise UserError(f"checkpoint {last} is unreadable and there is no readable best.ckpt beside it; "
+                        f"delete {ckpt_dir} to train this cell from the start, or pass resume=false")
+    log.warning(f"warning: {last} is unreadable; resuming from {best} (step {step}) instead")
+    return best
 
 
-def make_trainer(cfg: DictConfig, callbacks: list, label: str) -> pl.Trainer:
+def make_trainer(cfg: DictConfig, ckpt_dir: Path, callbacks: list, label: str) -> pl.Trainer:
     t = cfg.trainer
     ckpt = pl.callbacks.ModelCheckpoint(
-        dirpath=Path(cfg.paths.run_dir) / "checkpoints", filename="best", monitor="val/err", mode="min",
+        dirpath=ckpt_dir, filename="best", monitor="val/err", mode="min",
         save_top_k=1, save_last=True, auto_insert_metric_name=False)
-    if cfg.quiet:
-        bar = []
-    elif sys.stderr.isatty():
-        bar = [pl.callbacks.RichProgressBar()]
-    else:
-        bar = [LinePrinter(label, t.max_steps)]
+    bar = [] if cfg.quiet or not sys.stderr.isatty() else [pl.callbacks.RichProgressBar()]
+    if t.get("tf32") and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, max_steps=t.max_steps, max_epochs=-1,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches, deterministic=t.deterministic, precision=t.precision,
-        logger=pl.loggers.CSVLogger(cfg.paths.run_dir, name="csv", version=0),
-        callbacks=[ckpt, *callbacks, *bar], enable_progress_bar=bool(bar) and not isinstance(bar[0], LinePrinter),
-        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=50,
-        default_root_dir=cfg.paths.run_dir,
+        logger=False, callbacks=[ckpt, *callbacks, ProgressLog(label, t.max_steps), *bar],
+        enable_progress_bar=bool(bar), enable_model_summary=False, num_sanity_val_steps=0,
+        default_root_dir=ckpt_dir.parent,
     )
 
 
-@torch.no_grad()
-def test_correct(module: Classifier, dm: DistortedMNIST) -> torch.Tensor:
-    """Per-image correctness on the test split (bool, CPU), for the error-by-distortion analysis."""
-    module.eval()
-    out = [(module.net(x.to(module.device)).argmax(1) == y.to(module.device)).cpu() for x, y in dm.test_dataloader()]
-    return torch.cat(out)
+def test_outcomes(trainer: pl.Trainer, module: Classifier, dm: DistortedMNIST, ckpt: str | None) -> tuple[dict, dict]:
+    """Test the module as it is (``ckpt=None``) or a saved checkpoint: (metrics, per-image outcomes)."""
+    out = trainer.test(module, datamodule=dm, ckpt_path=ckpt, verbose=False, weights_only=True)[0]
+    return {"err": float(out["test/err"]), "loss": float(out["test/loss"])}, dict(module.outcomes)
 
 
-def binned_errors(correct: torch.Tensor, params: dict, n_bins: int = 12) -> str:
-    """CSV of test error % in equal-width bins of every scalar per-image distortion parameter."""
-    lines = ["param,lo,hi,n,err"]
-    for name, v in sorted(params.items()):
-        if v.dim() != 1 or len(v) != len(correct) or v.min() == v.max():
-            continue
-        v = v.double()
-        edges = torch.linspace(float(v.min()), float(v.max()), n_bins + 1, dtype=torch.float64)
-        idx = torch.bucketize(v, edges[1:-1], right=True)
-        for b in range(n_bins):
-            sel = idx == b
-            n = int(sel.sum())
-            if n:
-                err = 100.0 * (1 - correct[sel].double().mean().item())
-                lines.append(f"{name},{edges[b]:.6g},{edges[b + 1]:.6g},{n},{err:.4f}")
-    return "\n".join(lines) + "\n"
+def outcomes_bytes(outcomes: dict, test_sha256: str) -> bytes:
+    """The raw-outcome record of the test set: every prediction (uint8) and, for ST models, every θ.
+
+    θ is stored as float16 (relative precision 5e-4, well under 0.1 px on these canvases): enough for
+    every figure and statistic the report derives, at a quarter of the size.
+    """
+    rec = {"pred": outcomes["pred"].to(torch.uint8).contiguous(), "test_sha256": test_sha256}
+    if "theta" in outcomes:
+        rec["theta"] = outcomes["theta"].to(torch.float16).contiguous()
+    buf = io.BytesIO()
+    torch.save(rec, buf)
+    return buf.getvalue()
 
 
-def evaluate(trainer: pl.Trainer, module: Classifier, dm: DistortedMNIST) -> tuple[float, float]:
-    out = trainer.test(module, datamodule=dm, verbose=False)[0]
-    return float(out["test/err"]), float(out["test/loss"])
+def write_record(cfg: DictConfig, files: dict[str, str | bytes], metrics: dict, curve_csv: str) -> None:
+    """Replace the cell's record only once every part is ready: the cell directory by one rename of a
+    finished sibling, then the curve, then the metrics file, whose presence marks a complete record."""
+    cell_dir = Path(cfg.paths.cell_dir)
+    cell_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cell_dir.parent, prefix=f".{cell_dir.name}.tmp-"))
+    old = None
+    try:
+        tmp.chmod(0o755)
+        for name, data in files.items():
+            write_atomic(tmp / name, data)
+        if cell_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=cell_dir.parent, prefix=f".{cell_dir.name}.old-"))
+            os.replace(cell_dir, old / cell_dir.name)
+        os.replace(tmp, cell_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    write_atomic(Path(cfg.paths.curve_file), curve_csv)
+    write_json(Path(cfg.paths.metrics_file), metrics)
 
 
 def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
-    """Fit, test the last and the best-validation checkpoints, write metrics, curve and provenance."""
-    if cfg.trainer.max_steps % cfg.trainer.val_check_interval:
-        raise UserError("trainer.max_steps must be a multiple of trainer.val_check_interval")
-    label = f"{cfg.model.name}-{cfg.data.name}-s{cfg.seed}"
+    """Fit, test the last and the best-validation checkpoints, write the record; returns the metrics."""
+    validate(cfg)
+    label = cell_name(cfg.model.name, cfg.data.name, cfg.seed)
     quiet_lightning(cfg.quiet)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     net, budget = build_model(cfg)
     module = Classifier(net, OmegaConf.to_container(cfg.optim, resolve=True), cfg.trainer.max_steps)
     dm = DistortedMNIST(cfg.data, cfg.loader, cfg.paths, cfg.stn.align_corners, cfg.seed)
-    resume_from = prepare_run_dir(cfg)
-    resumed_step = _ckpt_step(resume_from)
-    curve = CurveRecorder()
-    trainer = make_trainer(cfg, [curve, *extra_callbacks], label)
+    dm.setup("fit")  # missing, tampered or mismatched data fail here, before anything is written
 
-    t0 = time.time()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(does not have many workers|ended before the epoch ended"
-                                                  "|is smaller than the logging interval|Checkpoint directory|Experiment logs directory).*")
-        trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=True)
-        fit_s = time.time() - t0
-        if trainer.interrupted or trainer.global_step < cfg.trainer.max_steps:
-            raise UserError(f"training stopped at step {trainer.global_step} of {cfg.trainer.max_steps}; "
-                            f"rerun the same command to resume from the last checkpoint")
-        err_last, loss_last = evaluate(trainer, module, dm)
-        correct_last = test_correct(module, dm)
-        best_path = trainer.checkpoint_callback.best_model_path
-        state = torch.load(best_path, map_location=module.device, weights_only=True)["state_dict"]
-        last_state = {k: v.clone() for k, v in module.state_dict().items()}
-        module.load_state_dict(state)
-        err_best, _ = evaluate(trainer, module, dm)
-        module.load_state_dict(last_state)
+    run_dir = Path(cfg.paths.run_dir)
+    fingerprint = run_fingerprint(cfg)
+    ckpt_dir = run_dir / fingerprint[:12] / "checkpoints"
+    with cell_lock(run_dir, label):
+        resume_from = resume_point(ckpt_dir) if cfg.resume else None
+        write_atomic(ckpt_dir.parent / "fingerprint.txt", fingerprint + "\n")
+        curve, segments = CurveRecorder(), Segments()
+        milestones = module.milestones()
+        guard = DivergenceGuard(curve, milestones[0] if milestones else 0, **cfg.guard)
+        stop = SignalStop(ckpt_dir / "last.ckpt")
+        trainer = make_trainer(cfg, ckpt_dir, [curve, guard, segments, stop, *extra_callbacks], label)
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+        stop.install()
+        try:
+            try:
+                trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=True)
+            except SIGTERMException:
+                raise stop.stopped(trainer.global_step) from None
+            if stop.signum is not None:
+                raise stop.stopped(trainer.global_step)
+            if trainer.interrupted or trainer.global_step < cfg.trainer.max_steps:
+                raise UserError(f"training stopped at step {trainer.global_step} of {cfg.trainer.max_steps}; "
+                                f"rerun the same command to resume from the last checkpoint")
+            rows, segs = list(curve.rows), segments.segments()  # testing a checkpoint restores callback states
+            last, out_last = test_outcomes(trainer, module, dm, None)
+            best, out_best = test_outcomes(trainer, module, dm, "best")
+            if stop.signum is not None:
+                raise stop.stopped(trainer.global_step)
+        finally:
+            stop.uninstall()
+
+    if not all(torch.isfinite(torch.tensor(v)) for v in (last["err"], best["err"], last["loss"])):
+        raise UserError("non-finite test metrics; the network diverged")
+    table, outcomes = (last, out_last) if cfg.eval.table_ckpt == "last" else (best, out_best)
     counts = net.param_counts()
-    val_errs = [r["val_err"] for r in curve.rows]
+    val_errs = [r["val_err"] for r in rows]
     metrics = {
-        "test": {"err": _r(err_last if cfg.eval.table_ckpt == "last" else err_best),
-                 "err_last": _r(err_last), "err_best": _r(err_best), "loss_last": _r(loss_last)},
+        "test": {"err": _r(table["err"]), "err_last": _r(last["err"]), "err_best": _r(best["err"]),
+                 "loss_last": _r(last["loss"])},
         "val": {"err_last": _r(val_errs[-1]), "err_best": _r(min(val_errs))},
-        "params": {"n": counts["total"], "classifier": counts["classifier"], "st": counts["st"],
-                   "budget": budget or 0},
+        "params": {"n": counts["total"], "classifier": counts["classifier"], "st": counts["st"], "budget": budget or 0},
         "steps": int(trainer.global_step),
     }
-    if not all(torch.isfinite(torch.tensor(v)) for v in (err_last, err_best, loss_last)):
-        raise NonFiniteLoss("non-finite test metrics; the network diverged")
-
-    device = trainer.strategy.root_device
     provenance = {
-        "cell": label, "seed": int(cfg.seed), "steps": int(trainer.global_step), "profile_max_steps": int(cfg.trainer.max_steps),
-        "commit": git_commit(), "device": device_name(device), "accelerator": device.type,
+        "cell": label, "seed": int(cfg.seed), "steps": int(trainer.global_step),
+        "profile_max_steps": int(cfg.trainer.max_steps), "commit": segs[0]["commit"] if segs else "unknown",
+        "device": segs[-1]["device"] if segs else "?", "accelerator": trainer.strategy.root_device.type,
         "versions": versions(), "deterministic": str(cfg.trainer.deterministic),
-        "fit_seconds_this_process": round(fit_s, 1), "resumed_from_step": resumed_step,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "fit_seconds": round(sum(s["seconds"] for s in segs), 1), "segments": segs,
+        "resumed": len(segs) > 1, "fingerprint": fingerprint, "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    cell_dir = Path(cfg.paths.cell_dir)
-    write_json(cell_dir / "provenance.json", provenance)
-    write_atomic(cell_dir / "bins.csv", binned_errors(correct_last, dm.test[2]))
-    if net.st is not None:  # what the transformer learned, on a fixed set of test digits (Table 1, right)
-        from src.viz import draw_transforms
-
-        x, y = dm.test[0][:8], dm.test[1][:8]
-        module.eval()
-        draw_transforms(net, x.float().div(255.0), cell_dir / "transforms.png", labels=y.cpu())
-    write_atomic(Path(cfg.paths.curve_file), curve.to_csv())
-    write_json(Path(cfg.paths.metrics_file), metrics)  # last: its presence marks a complete run
+    test_sha = json.loads((Path(cfg.paths.data_dir) / str(cfg.data.name) / "manifest.json").read_text())["files"]["test.pt"]["sha256"]
+    write_record(cfg, {"provenance.json": json.dumps(provenance, indent=2, sort_keys=True) + "\n",
+                       "outcomes.pt": outcomes_bytes(outcomes, test_sha)}, metrics, curve_csv(rows))
     return metrics
 
 
@@ -213,35 +247,40 @@ def _r(x: float) -> float:
     return round(float(x), 4)
 
 
-def _ckpt_step(path: Path | None) -> int:
-    return 0 if path is None else int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+# ------------------------------------------------------------------ the command line
+
+HYDRA_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--resolve", "--package", "-p", "--run",
+               "-r", "--multirun", "-m", "--shell-completion", "-sc", "--config-path", "-cp", "--config-name",
+               "-cn", "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
 
 
-def check_overrides(overrides: list[str]) -> None:
-    """Compose once before Hydra does, to turn a bad override into one line naming the valid choices."""
-    compose_config(overrides)
+def check_overrides(argv: list[str]) -> None:
+    """Compose and validate once before Hydra does, so a bad override or value is one line (exit 2).
+    Left to Hydra whenever a Hydra flag is given (``--cfg job``, ``--help``, ``-m`` …)."""
+    if any(a.split("=", 1)[0] in HYDRA_FLAGS for a in argv):
+        return
+    cfg = compose_config(argv)
+    validate(cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         m = train(cfg)
-    except (UserError, NonFiniteLoss) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"{cfg.model.name} on {cfg.data.name} (seed {cfg.seed}): test error {m['test']['err']:.2f} % "
+        sys.exit(e.exit_code)
+    print(f"{cell_name(cfg.model.name, cfg.data.name, cfg.seed)}: test error {m['test']['err']:.2f} % "
           f"(last {m['test']['err_last']:.2f}, best-val {m['test']['err_best']:.2f}), "
           f"{m['params']['n']} parameters, {m['steps']} steps -> {cfg.paths.metrics_file}")
 
 
 def main() -> None:
-    overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
-    if not any(a in ("-m", "--multirun", "--help", "-h", "--hydra-help", "--info") for a in sys.argv[1:]):
-        try:
-            check_overrides(overrides)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+    try:
+        check_overrides(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -11,9 +13,11 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from src.callbacks import Stopped
 from src.models.module import Classifier
 from src.runinfo import compose_config
-from src.train import CONF_DIR, REPO, build_model, train
+from src.models.build import build_model
+from src.train import CONF_DIR, REPO, train
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 DATASETS = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
@@ -84,34 +88,64 @@ def test_smoke_run_learns_and_writes_the_record(smoke, tmp_path, mode):
     assert {"theta_dev", "outside", "det", "scale"} <= set(header)
     assert [int(r.split(",")[0]) for r in lines[1:]] == [40, 80, 120]
     prov = json.loads((tmp_path / "run" / "cell" / "provenance.json").read_text())
-    assert (tmp_path / "run" / "cell" / "transforms.png").stat().st_size > 1000
-    assert (tmp_path / "run" / "cell" / "bins.csv").read_text().startswith("param,lo,hi,n,err")
     assert prov["seed"] == 0 and prov["commit"] and prov["device"] and prov["config"]["loader"]["mode"] == mode
+    assert [(s["from_step"], s["to_step"]) for s in prov["segments"]] == [(0, 120)] and not prov["resumed"]
+    rec = torch.load(tmp_path / "run" / "cell" / "outcomes.pt", weights_only=True)
+    assert rec["pred"].dtype == torch.uint8 and rec["theta"].shape == (len(rec["pred"]), 6)
+    assert 100 * (rec["pred"] != stored_test_labels(smoke)).double().mean().item() == pytest.approx(m["test"]["err"], abs=1e-3)
 
 
 class _Crash(pl.Callback):
+    """At step 25 (between two validations), raise (a kill) or send the process a signal."""
+
+    def __init__(self, how: str):
+        self.how = how
+
     def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == 25:
-            raise RuntimeError("simulated kill")
+        if trainer.global_step == 25 and not getattr(self, "done", False):
+            self.done = True
+            if self.how == "kill":
+                raise RuntimeError("simulated kill")
+            os.kill(os.getpid(), {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT}[self.how])
 
 
-def test_resume_after_a_kill_equals_a_straight_run(smoke, tmp_path):
+@pytest.mark.parametrize("how", ["kill", "sigterm", "sigint"])
+def test_resume_after_an_interruption_equals_a_straight_run(smoke, tmp_path, how):
     base = [*smoke, "model=st_fcn_tps", "trainer.max_steps=40"]
-    straight = train(cfg_for(*base, f"paths.run_dir={tmp_path / 'a'}", f"paths.metrics_file={tmp_path / 'a.json'}"))
-    resumed_cfg = cfg_for(*base, f"paths.run_dir={tmp_path / 'b'}", f"paths.metrics_file={tmp_path / 'b.json'}")
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        train(resumed_cfg, extra_callbacks=(_Crash(),))
-    assert not (tmp_path / "b.json").exists()
-    resumed = train(resumed_cfg)
+
+    def cfg(tag):
+        return cfg_for(*base, f"paths.run_dir={tmp_path / tag}", f"paths.metrics_file={tmp_path / tag}.json",
+                       f"paths.curve_file={tmp_path / tag}.csv", f"paths.cell_dir={tmp_path / tag / 'cell'}")
+
+    straight = train(cfg("a"))
+    if how == "kill":
+        with pytest.raises(RuntimeError, match="simulated kill"):
+            train(cfg("b"), extra_callbacks=(_Crash(how),))
+    else:
+        with pytest.raises(Stopped, match="rerun the same command") as e:
+            train(cfg("b"), extra_callbacks=(_Crash(how),))
+        assert e.value.exit_code == {"sigterm": 143, "sigint": 130}[how]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert not (tmp_path / "b.json").exists() and not (tmp_path / "b" / "cell").exists()
+    resumed = train(cfg("b"))
     assert resumed == straight
-    assert json.loads((tmp_path / "b" / "cell" / "provenance.json").read_text())["resumed_from_step"] == 20
+    prov = json.loads((tmp_path / "b" / "cell" / "provenance.json").read_text())
+    (a0, k), (k2, end) = [(s["from_step"], s["to_step"]) for s in prov["segments"]]
+    assert prov["resumed"] and (a0, k2, end) == (0, k, 40)
+    assert k == 20 if how == "kill" else k in (25, 26)  # a signal writes a checkpoint after the step it arrives in
+    assert all(s["commit"] and s["seconds"] >= 0 for s in prov["segments"])
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    assert (tmp_path / "a" / "cell" / "outcomes.pt").read_bytes() == (tmp_path / "b" / "cell" / "outcomes.pt").read_bytes()
 
 
-def test_a_changed_config_does_not_resume_a_stale_checkpoint(smoke, tmp_path):
+def test_a_changed_config_neither_resumes_nor_deletes_another_configs_checkpoints(smoke, tmp_path):
     train(cfg_for(*smoke, "model=fcn"))
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*.ckpt"))
     m = train(cfg_for(*smoke, "model=fcn", "optim.lr=0.02"))
     prov = json.loads((tmp_path / "run" / "cell" / "provenance.json").read_text())
-    assert prov["resumed_from_step"] == 0 and m["steps"] == 20
+    assert not prov["resumed"] and prov["segments"][0]["from_step"] == 0 and m["steps"] == 20
+    after = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*.ckpt"))
+    assert set(before) < set(after) and len(after) == 2 * len(before)
 
 
 def test_resume_fingerprint_covers_exactly_the_training_code(tmp_path, monkeypatch):
@@ -124,8 +158,10 @@ def test_resume_fingerprint_covers_exactly_the_training_code(tmp_path, monkeypat
     from src import runinfo
 
     train_deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["deps"]
-    assert set(runinfo.TRAIN_CODE) == {d for d in train_deps if d.startswith("src/")}
+    assert set(runinfo.train_code()) == {d for d in train_deps if d.startswith("src/")}
+    assert "src/viz.py" not in train_deps and "src/aggregate.py" not in train_deps
     shutil.copytree(REPO / "src", tmp_path / "src")
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     monkeypatch.setattr(runinfo, "REPO", tmp_path)
     before = runinfo.code_fingerprint()
     (tmp_path / "src/aggregate.py").write_text("# edited\n")
@@ -133,6 +169,11 @@ def test_resume_fingerprint_covers_exactly_the_training_code(tmp_path, monkeypat
     with open(tmp_path / "src/stn/grids.py", "a") as f:
         f.write("# edited\n")
     assert runinfo.code_fingerprint() != before
+
+
+def stored_test_labels(smoke: list[str]) -> torch.Tensor:
+    data_dir = next(o.split("=", 1)[1] for o in smoke if o.startswith("paths.data_dir="))
+    return torch.load(f"{data_dir}/r/test.pt", weights_only=True)["labels"]
 
 
 def run_cli(*args: str):

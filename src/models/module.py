@@ -1,4 +1,10 @@
-"""LightningModule: one network of the study, SGD on the paper's step schedule, error in %."""
+"""LightningModule: one network of the study, SGD on the paper's step schedule, error in %.
+
+No per-step logging or host synchronisation: the training loss is summed on the device and read
+once per validation (which also checks it is finite). Evaluation goes through ``self.log``
+(batch-size-weighted epoch means); the test pass also keeps every image's prediction and, for ST
+models, its θ: the raw outcomes from which the report derives its tables and figures.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from src.models.nets import Net
+from src.runinfo import UserError
 from src.stn.stats import theta_stats
 
-NAN_CHECK_EVERY = 50  # steps between non-finite-loss checks (a check syncs the device)
 
-
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError):
     pass
 
 
@@ -27,6 +32,7 @@ class Classifier(pl.LightningModule):
         self._loss_sum = torch.zeros(())
         self._loss_n = 0
         self.last_train_loss = float("nan")
+        self.outcomes: dict[str, torch.Tensor] = {}
 
     def forward(self, x):
         return self.net(x)
@@ -37,61 +43,55 @@ class Classifier(pl.LightningModule):
         loss = F.cross_entropy(self.net(x), y)
         self._loss_sum = self._loss_sum.to(loss.device) + loss.detach()
         self._loss_n += 1
-        if (self.global_step + 1) % NAN_CHECK_EVERY == 0:
-            self._check_finite()
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    def _check_finite(self) -> None:
-        if self._loss_n and not math.isfinite(float(self._loss_sum)):
-            lo = self.global_step + 1 - self._loss_n
-            raise NonFiniteLoss(
-                f"non-finite training loss between steps {lo} and {self.global_step + 1}; "
-                f"try a lower optim.lr or optim.loc_lr_mult")
-
     def on_validation_epoch_start(self):
-        self._check_finite()
-        self.last_train_loss = float(self._loss_sum) / self._loss_n if self._loss_n else float("nan")
+        if self.trainer.sanity_checking:
+            return
+        total = float(self._loss_sum)  # the one host sync of a validation interval
+        if self._loss_n and not math.isfinite(total):
+            lo = self.global_step + 1 - self._loss_n
+            raise NonFiniteLoss(f"non-finite training loss between steps {lo} and {self.global_step}; "
+                                f"try a lower optim.lr or optim.loc_lr_mult")
+        self.last_train_loss = total / self._loss_n if self._loss_n else float("nan")
         self._loss_sum, self._loss_n = torch.zeros((), device=self._loss_sum.device), 0
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The running loss sum travels with a checkpoint written between validations (on a signal)."""
+        checkpoint["train_loss_sum"] = [float(self._loss_sum), self._loss_n]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        total, n = checkpoint.get("train_loss_sum", [0.0, 0])
+        self._loss_sum, self._loss_n = torch.tensor(total, dtype=torch.float32), int(n)
+
     # ---------------------------------------------------------------- evaluation
-    def _eval_step(self, batch, prefix: str, batch_idx: int):
+    def _eval_step(self, batch, prefix: str):
         x, y = batch
         logits, theta, _ = self.net.forward_st(x)
-        loss = F.cross_entropy(logits, y, reduction="sum")
-        wrong = (logits.argmax(1) != y).sum()
-        self._eval_acc[0] += loss.detach()
-        self._eval_acc[1] += wrong
-        self._eval_acc[2] += len(y)
-        if batch_idx == 0 and theta is not None and prefix == "val":
-            self._stats = theta_stats(self.net.st, theta.detach())
-
-    def _eval_start(self):
-        self._eval_acc = [torch.zeros((), device=self.device), torch.zeros((), device=self.device, dtype=torch.long), 0]
-        self._stats = {}
-
-    def _eval_end(self, prefix: str):
-        loss_sum, wrong, n = self._eval_acc
-        self.log(f"{prefix}/loss", loss_sum / max(n, 1))
-        self.log(f"{prefix}/err", 100.0 * wrong.double() / max(n, 1), prog_bar=prefix == "val")
-        for k, v in self._stats.items():
-            self.log(f"stn/{k}", v)
+        pred = logits.argmax(1)
+        n = len(y)
+        self.log(f"{prefix}/loss", F.cross_entropy(logits, y), batch_size=n, on_epoch=True)
+        self.log(f"{prefix}/err", 100.0 * (pred != y).float().mean(), batch_size=n, on_epoch=True,
+                 prog_bar=prefix == "val")
+        return pred, theta
 
     def validation_step(self, batch, batch_idx):
-        if batch_idx == 0:
-            self._eval_start()
-        self._eval_step(batch, "val", batch_idx)
+        _, theta = self._eval_step(batch, "val")
+        if batch_idx == 0 and theta is not None:
+            for k, v in theta_stats(self.net.st, theta.detach()).items():
+                self.log(f"stn/{k}", v, batch_size=len(theta), on_epoch=True)
 
-    def on_validation_epoch_end(self):
-        self._eval_end("val")
+    def on_test_epoch_start(self):
+        self._outcomes: dict[str, list[torch.Tensor]] = {"pred": [], "theta": []}
 
     def test_step(self, batch, batch_idx):
-        if batch_idx == 0:
-            self._eval_start()
-        self._eval_step(batch, "test", batch_idx)
+        pred, theta = self._eval_step(batch, "test")
+        self._outcomes["pred"].append(pred.to(torch.uint8))
+        if theta is not None:
+            self._outcomes["theta"].append(theta.detach().float())
 
     def on_test_epoch_end(self):
-        self._eval_end("test")
+        self.outcomes = {k: torch.cat(v).cpu() for k, v in self._outcomes.items() if v}
 
     # ---------------------------------------------------------------- optimisation
     def param_groups(self) -> list[dict]:

@@ -1,0 +1,167 @@
+"""What a run's config means: its cell name, the part that defines the result, and the checks a
+config passes before anything is written.
+
+A bad value anywhere in the config (a typo on the command line, a broken conf file) becomes one
+line naming the key, the value and what is allowed, raised as ``ConfigError`` (exit code 2)
+before a run directory, a checkpoint or a record is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from numbers import Integral, Real
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from src.runinfo import UserError
+
+# Keys that change where a run writes or how it talks, not what it computes.
+NON_RESULT_KEYS = ("paths", "quiet", "resume", "hydra", "guard")
+
+
+class ConfigError(UserError):
+    """A config value outside what is allowed: one line, exit code 2."""
+
+    exit_code = 2
+
+
+def cell_name(model: str, data: str, seed: int) -> str:
+    """The one name of a cell: DVC's stage key (``train@<name>``), its report files and its run dir.
+
+    Seed first, so that ``dvc repro`` (which runs a matrix in order) trains every seed-0 cell first.
+    """
+    return f"{seed}-{model}-{data}"
+
+
+def result_config(cfg) -> dict:
+    """The resolved config minus the keys that do not change the result."""
+    if isinstance(cfg, DictConfig):  # drop before resolving: paths.run_dir itself resolves this hash
+        return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in NON_RESULT_KEYS]),
+                                      resolve=True)
+    return {k: v for k, v in dict(cfg).items() if k not in NON_RESULT_KEYS}
+
+
+def config_hash(cfg, n: int = 10) -> str:
+    """Short hash of the result-defining config: exploratory runs of different configs never share a directory."""
+    return hashlib.sha256(json.dumps(result_config(cfg), sort_keys=True).encode()).hexdigest()[:n]
+
+
+def _config_hash_resolver(*, _root_: DictConfig) -> str:
+    return config_hash(_root_)
+
+
+if not OmegaConf.has_resolver("config_hash"):
+    OmegaConf.register_new_resolver("config_hash", _config_hash_resolver)
+
+
+# ------------------------------------------------------------------ validation
+
+def _int(lo: int | None = None):
+    def check(v):
+        ok = isinstance(v, Integral) and not isinstance(v, bool) and (lo is None or v >= lo)
+        return ok, f"an integer{f' >= {lo}' if lo is not None else ''}"
+    return check
+
+
+def _real(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    def check(v):
+        ok = isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
+        bounds = []
+        if lo is not None:
+            bounds.append(f"{'>' if lo_open else '>='} {lo:g}")
+        if hi is not None:
+            bounds.append(f"{'<' if hi_open else '<='} {hi:g}")
+        return ok, "a finite number" + (f" {' and '.join(bounds)}" if bounds else "")
+    return check
+
+
+def _one_of(*choices):
+    def check(v):
+        return v in choices, "one of " + ", ".join(map(str, choices))
+    return check
+
+
+def _bool(v):
+    return isinstance(v, bool), "true or false"
+
+
+def _milestones(v):
+    ok = isinstance(v, (list, ListConfig)) and all(isinstance(m, Real) and not isinstance(m, bool) and m > 0 for m in v)
+    return ok, "a list of positive numbers (fractions of max_steps below 1, absolute steps from 1 on)"
+
+
+def _devices(v):
+    ok = (isinstance(v, Integral) and not isinstance(v, bool) and v >= 1) or v == "auto"
+    return ok, "an integer >= 1 or auto"
+
+
+def _optional_int(lo: int):
+    inner = _int(lo)
+
+    def check(v):
+        return (v is None or inner(v)[0]), f"null or an integer >= {lo}"
+    return check
+
+
+# dotted key → check(value) -> (ok, what is allowed). Keys of conf/data/* are checked by the data code.
+SCHEMA = {
+    "seed": _int(0),
+    "resume": _bool,
+    "quiet": _bool,
+    "loader.batch_size": _int(1),
+    "loader.eval_batch_size": _int(1),
+    "loader.mode": _one_of("fresh", "fixed"),
+    "loader.on_device": _bool,
+    "optim.lr": _real(0, lo_open=True),
+    "optim.momentum": _real(0, 1, hi_open=True),
+    "optim.weight_decay": _real(0),
+    "optim.milestones": _milestones,
+    "optim.gamma": _real(0, 1, lo_open=True),
+    "optim.loc_lr_mult": _real(0),
+    "trainer.max_steps": _int(1),
+    "trainer.val_check_interval": _int(1),
+    "trainer.limit_val_batches": _optional_int(1),
+    "trainer.devices": _devices,
+    "trainer.precision": _one_of("32-true", "32", "16-mixed", "bf16-mixed", "64-true"),
+    "trainer.deterministic": _one_of(True, False, "warn"),
+    "trainer.tf32": _bool,
+    "data.canvas": _int(28),
+    "data.st_downsample": _one_of(1, 2),
+    "data.gen_seed": _int(0),
+    "budget.rule": _one_of("match", "none"),
+    "budget.tol": _real(0),
+    "stn.align_corners": _bool,
+    "stn.padding_mode": _one_of("zeros", "border", "reflection"),
+    "stn.proj_eps": _real(0, lo_open=True),
+    "stn.tps_grid": _int(2),
+    "stn.tps_span": _real(0, lo_open=True),
+    "stn.downsample_mode": _one_of("avgpool2", "sample_half"),
+    "stn.loc_downsample": _one_of("avgpool2", "bilinear"),
+    "eval.table_ckpt": _one_of("last", "best"),
+    "guard.loss_factor": _real(1, lo_open=True),
+    "guard.patience": _int(1),
+    "guard.chance_err": _real(0, 100),
+    "guard.min_phase_steps": _int(0),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check types and ranges of every key in ``SCHEMA`` that the config has; raise ``ConfigError``."""
+    for key, check in SCHEMA.items():
+        node = OmegaConf.select(cfg, key, default="__absent__", throw_on_missing=False)
+        if isinstance(node, str) and node == "__absent__":
+            continue
+        try:
+            value = OmegaConf.select(cfg, key)
+        except Exception as e:  # noqa: BLE001 - an unresolvable interpolation is a bad value too
+            raise ConfigError(f"{key}: cannot be resolved ({' '.join(str(e).split())})") from None
+        ok, allowed = check(value)
+        if not ok:
+            raise ConfigError(f"{key}={value!r} is not allowed; it must be {allowed}")
+    t = cfg.trainer
+    if t.max_steps % t.val_check_interval:
+        raise ConfigError(f"trainer.max_steps={t.max_steps} must be a multiple of trainer.val_check_interval="
+                          f"{t.val_check_interval} (a checkpoint and a curve row at every validation)")
