@@ -65,7 +65,7 @@ class Diverged(UserError):
 class DivergenceGuard(pl.Callback):
     """Stops a run that has left the band of a working one, before it writes a normal-looking record.
 
-    - the training loss above ``factor`` × its first logged value at ``patience`` validations in a row;
+    - the training loss above ``loss_factor`` × the loss of the first step at ``patience`` validations in a row;
     - the validation error still at chance (≥ ``chance_err`` %) at the first validation after the first
       learning-rate phase (``first_milestone``), if that phase has at least ``min_phase_steps`` steps.
     The thresholds are ``guard.*`` in conf/config.yaml.
@@ -81,11 +81,11 @@ class DivergenceGuard(pl.Callback):
         rows = self.curve.rows
         if trainer.sanity_checking or not rows:
             return
-        first, last = rows[0]["train_loss"], rows[-1]
-        recent = [r["train_loss"] for r in rows[1:]][-self.patience:]
+        first, last = pl_module.first_loss, rows[-1]
+        recent = [r["train_loss"] for r in rows][-self.patience:]
         if len(recent) == self.patience and all(v > self.factor * first for v in recent):
-            raise Diverged(f"training loss {recent[-1]:.3g} at step {last['step']} is above {self.factor:g}× its first "
-                           f"value {first:.3g} at {self.patience} validations in a row: the run diverged; "
+            raise Diverged(f"training loss {recent[-1]:.3g} at step {last['step']} is above {self.factor:g}× the first "
+                           f"step's {first:.3g} at {self.patience} validations in a row: the run diverged; "
                            f"try a lower optim.lr")
         if self.first_milestone and last["step"] >= self.first_milestone and last["val_err"] >= self.chance_err \
                 and not any(r["step"] >= self.first_milestone for r in rows[:-1]):

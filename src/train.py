@@ -109,7 +109,7 @@ def resume_point(ckpt_dir: Path) -> Path | None:
     if step is None:
         raise UserError(f"checkpoint {last} is unreadable and there is no readable best.ckpt beside it; "
                         f"delete {ckpt_dir} to train this cell from the start, or pass resume=false")
-    log.warning(f"warning: {last} is unreadable; resuming from {best} (step {step}) instead")
+    print(f"warning: {last} is unreadable; resuming from {best} (step {step}) instead", file=sys.stderr)
     return best
 
 

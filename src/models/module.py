@@ -32,6 +32,8 @@ class Classifier(pl.LightningModule):
         self._loss_sum = torch.zeros(())
         self._loss_n = 0
         self.last_train_loss = float("nan")
+        self.first_loss = float("nan")  # the loss of step 0, the reference of the divergence guard
+        self._first_loss: torch.Tensor | None = None
         self.outcomes: dict[str, torch.Tensor] = {}
 
     def forward(self, x):
@@ -41,6 +43,8 @@ class Classifier(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = F.cross_entropy(self.net(x), y)
+        if self.global_step == 0:
+            self._first_loss = loss.detach()
         self._loss_sum = self._loss_sum.to(loss.device) + loss.detach()
         self._loss_n += 1
         return loss
@@ -54,14 +58,17 @@ class Classifier(pl.LightningModule):
             raise NonFiniteLoss(f"non-finite training loss between steps {lo} and {self.global_step}; "
                                 f"try a lower optim.lr or optim.loc_lr_mult")
         self.last_train_loss = total / self._loss_n if self._loss_n else float("nan")
+        if self._first_loss is not None:
+            self.first_loss, self._first_loss = float(self._first_loss), None
         self._loss_sum, self._loss_n = torch.zeros((), device=self._loss_sum.device), 0
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The running loss sum travels with a checkpoint written between validations (on a signal)."""
-        checkpoint["train_loss_sum"] = [float(self._loss_sum), self._loss_n]
+        first = float(self._first_loss) if self._first_loss is not None else self.first_loss
+        checkpoint["train_loss_sum"] = [float(self._loss_sum), self._loss_n, first]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        total, n = checkpoint.get("train_loss_sum", [0.0, 0])
+        total, n, self.first_loss = checkpoint["train_loss_sum"]
         self._loss_sum, self._loss_n = torch.tensor(total, dtype=torch.float32), int(n)
 
     # ---------------------------------------------------------------- evaluation

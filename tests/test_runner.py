@@ -1,0 +1,138 @@
+"""A cell run cannot lose work or mislead: bad values, a second run, a corrupt checkpoint, a diverging
+run and Hydra's own flags, each as a user meets them on the command line."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from src.callbacks import CurveRecorder, Diverged, DivergenceGuard
+from src.runinfo import REPO
+
+
+def run_cli(*args: str, timeout: int = 300):
+    return subprocess.run([sys.executable, "-m", "src.train", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def smoke(synthetic_data, tmp_path):
+    return ["trainer=smoke", "quiet=true", "model=fcn", f"paths.data_dir={synthetic_data['data_dir']}",
+            f"paths.raw_file={synthetic_data['raw_file']}", f"paths.run_dir={tmp_path / 'run'}",
+            f"paths.metrics_file={tmp_path / 'metrics.json'}", f"paths.curve_file={tmp_path / 'curve.csv'}",
+            f"paths.cell_dir={tmp_path / 'cell'}"]
+
+
+def one_error_line(r) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=abc", "optim.lr"), ("trainer.max_steps=-10", "trainer.max_steps"),
+    ("trainer.max_steps=0", "trainer.max_steps"), ("loader.batch_size=0", "loader.batch_size"),
+    ("loader.batch_size=-5", "loader.batch_size"), ("seed=-1", "seed"), ("seed=abc", "seed"),
+    ("trainer.val_check_interval=0", "trainer.val_check_interval"), ("optim.momentum=1.5", "optim.momentum"),
+    ("trainer.max_steps=25", "trainer.val_check_interval"),
+])
+def test_a_bad_value_is_one_line_exit_2_and_writes_nothing(smoke, tmp_path, override, key):
+    r = run_cli(*smoke, override)
+    assert r.returncode == 2
+    line = one_error_line(r)
+    assert key in line and override.split("=", 1)[1].lstrip("-") in line, line
+    assert not any(tmp_path.iterdir()), sorted(tmp_path.iterdir())
+
+
+def test_a_second_run_of_the_same_cell_refuses_at_once(smoke, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "a+") as held:  # another process holds the cell
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        r = run_cli(*smoke, timeout=120)
+    assert r.returncode == 1
+    line = one_error_line(r)
+    assert "already running" in line and "4242" in line
+    assert not (tmp_path / "metrics.json").exists()
+    r = run_cli(*smoke)  # the holder is gone: no stuck lock
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "metrics.json").is_file()
+
+
+def test_a_corrupt_last_checkpoint_falls_back_to_best_or_says_what_to_do(smoke, tmp_path):
+    crash = [*smoke, "trainer.max_steps=40", "trainer.val_check_interval=10"]
+    assert run_cli(*crash).returncode == 0
+    ckpt_dir = next((tmp_path / "run").glob("*/checkpoints"))
+    straight = json.loads((tmp_path / "metrics.json").read_text())
+    last = ckpt_dir / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated mid-write
+    (tmp_path / "metrics.json").unlink()
+    r = run_cli(*crash)
+    assert r.returncode == 0, r.stderr
+    assert "last.ckpt is unreadable; resuming from" in r.stderr and "best.ckpt" in r.stderr
+    assert json.loads((tmp_path / "metrics.json").read_text()) == straight  # batches are keyed by step: exact replay
+    for name in ("last.ckpt", "best.ckpt"):
+        (ckpt_dir / name).write_bytes(b"not a checkpoint")
+    r = run_cli(*crash)
+    assert r.returncode == 1
+    line = one_error_line(r)
+    assert str(ckpt_dir / "last.ckpt") in line and "delete" in line and "resume=false" in line
+
+
+def _guard_at(rows: list[dict], first_loss: float = 2.3, milestone: int = 2000):
+    curve = CurveRecorder()
+    curve.rows = rows
+    guard = DivergenceGuard(curve, milestone, loss_factor=10.0, patience=2, chance_err=85.0, min_phase_steps=1000)
+    guard.on_validation_end(SimpleNamespace(sanity_checking=False), SimpleNamespace(first_loss=first_loss))
+
+
+def test_the_divergence_guard_stops_a_run_outside_the_band_and_only_then():
+    row = lambda step, loss, err: {"step": step, "train_loss": loss, "val_err": err}  # noqa: E731
+    _guard_at([row(500, 1.0, 40.0), row(1000, 30.0, 80.0)])  # one validation above the band: not yet
+    with pytest.raises(Diverged, match="above 10× the first step's"):
+        _guard_at([row(500, 1.0, 40.0), row(1000, 30.0, 80.0), row(1500, 1.5e17, 90.0)])
+    _guard_at([row(1500, 2.0, 89.0)])  # at chance, still in the first phase
+    with pytest.raises(Diverged, match="still at chance after the first learning-rate phase"):
+        _guard_at([row(1500, 2.0, 89.0), row(2000, 2.3, 88.0)])
+    _guard_at([row(1500, 2.0, 89.0), row(2000, 2.3, 50.0)])  # learning: no stop
+
+
+def test_a_diverging_run_exits_non_zero_without_a_record(smoke, tmp_path):
+    (tmp_path / "metrics.json").write_text('{"previous": 1}\n')
+    r = run_cli(*smoke, "optim.lr=1e4", "trainer.max_steps=60", "trainer.val_check_interval=10")
+    assert r.returncode == 1
+    line = one_error_line(r)
+    assert "diverged" in line or "non-finite" in line, line
+    assert (tmp_path / "metrics.json").read_text() == '{"previous": 1}\n' and not (tmp_path / "cell").exists()
+
+
+def test_hydra_flags_behave_as_in_any_hydra_app(tmp_path):
+    r = run_cli("model=st_fcn", "data=r", "--cfg", "job")
+    assert r.returncode == 0 and "transform: aff" in r.stdout and "lr: 0.01" in r.stdout, r.stderr
+    r = run_cli("--help")
+    assert r.returncode == 0
+    assert "== Configuration groups ==" in r.stdout and "trainer: full, quick, short, smoke" in r.stdout
+    assert "Profiles" in r.stdout
+    r = run_cli("--info", "defaults")
+    assert r.returncode == 0 and "Defaults List" in r.stdout, r.stderr
+    r = run_cli("--cfg", "job", "optim.lrr=0.1")
+    assert r.returncode != 0 and "lrr" in r.stderr
+
+
+def test_multirun_runs_each_cell_as_its_own_job(smoke, tmp_path):
+    args = [a for a in smoke if not a.startswith("paths.")]
+    data = [a for a in smoke if a.startswith(("paths.data_dir", "paths.raw_file"))]
+    r = run_cli("-m", *args, *data, "seed=0,1", f"paths.run_dir={tmp_path}/runs/s${{seed}}",
+                f"hydra.sweep.dir={tmp_path}/sweep", timeout=600)
+    assert r.returncode == 0, r.stderr
+    for s in (0, 1):
+        m = json.loads(Path(f"{tmp_path}/runs/s{s}/metrics.json").read_text())
+        assert m["steps"] == 20
