@@ -1,8 +1,9 @@
 """Collect every cell of the grid into Table 1 beside the paper and the seed report.
 
-``python -m src.aggregate`` reads params.yaml's grid (never globs, so files of removed cells are
-ignored), the per-cell metrics/provenance written by ``src.train`` and the reference numbers in
-conf/reference/, and writes reports/results.{csv,md}, reports/summary.json and the figures.
+``python -m src.aggregate`` reads params.yaml's grids (never globs, so files of removed cells are
+ignored), each cell's record (``src.records``), the regenerated test sets and the reference numbers
+in conf/reference/, and writes reports/results.{csv,md}, reports/summary.json and the figures:
+learning curves, error by distortion strength, and the learned transforms drawn from the recorded θ.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 import yaml  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from src.config import cell_name  # noqa: E402
+from src.records import INVARIANCE, binned_error, correct, load_record, test_split, theta_summary, transformer  # noqa: E402
 from src.runinfo import REPO, UserError, compose_config, write_atomic, write_json  # noqa: E402
 
 ROW_LABELS = {
@@ -28,48 +32,35 @@ ROW_LABELS = {
     "st_fcn": "ST-FCN Aff", "st_fcn_proj": "ST-FCN Proj", "st_fcn_tps": "ST-FCN TPS",
     "st_cnn": "ST-CNN Aff", "st_cnn_proj": "ST-CNN Proj", "st_cnn_tps": "ST-CNN TPS",
 }
-INVARIANCE = {"r": "angle", "rts": "scale"}  # recorded distortion parameter to bin the test error by
 BASELINE_PAIRS = [("fcn", "st_fcn"), ("cnn", "st_cnn")]
-TRANSFORM_PANELS = ("st_fcn", "st_fcn_tps", "st_cnn", "st_cnn_tps")  # paper Table 1 (right): aff and tps
 DEVIATION = 1.3  # flag cells worse than the paper by more than 30 % relative
 PAPER_STEPS = 150_000  # only cells trained at the paper's budget are compared with its numbers
 
 
-def cell_key(model: str, data: str, seed: int) -> str:
-    return f"{model}-{data}-{seed}"
-
-
-def read_json(path: Path) -> dict | None:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def collect(grid: dict, reports: Path) -> pd.DataFrame:
-    """One row per cell of the grid: its metrics if the run completed, else NaN (marked 'not run')."""
-    rows = []
+def collect(grid: dict, reports: Path) -> tuple[pd.DataFrame, dict]:
+    """One row per cell of the grid (its metrics if its record is complete, else 'not run'), and the records."""
+    rows, records = [], {}
     for model in grid["models"]:
         for data in grid["distortions"]:
             for seed in grid["seeds"]:
-                key = cell_key(model, data, seed)
-                m = read_json(reports / "metrics" / f"{key}.json")
-                p = read_json(reports / "cells" / key / "provenance.json") or {}
-                row = {"model": model, "distortion": data, "seed": seed, "key": key, "run": m is not None}
-                if m is not None:
+                key = cell_name(model, data, seed)
+                rec = load_record(reports, key)
+                row = {"model": model, "distortion": data, "seed": seed, "key": key, "run": rec is not None}
+                if rec is not None:
+                    m, p = rec.metrics, rec.provenance
+                    records[key] = rec
                     row.update(test_err=m["test"]["err"], test_err_last=m["test"]["err_last"],
                                test_err_best=m["test"]["err_best"], val_err_best=m["val"]["err_best"],
                                n_params=m["params"]["n"], steps=m["steps"], device=p.get("device", "?"),
+                               hours=round(p.get("fit_seconds", float("nan")) / 3600, 2),
                                commit=str(p.get("commit", "?"))[:10])
                 rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), records
 
 
 def param_counts(grid: dict) -> pd.DataFrame:
     """Parameter count of every (model, distortion) as built by the code (also for cells not run)."""
-    from src.train import build_model
+    from src.models.build import build_model
 
     counts = {(model, data): build_model(compose_config([f"model={model}", f"data={data}"]))[0].param_counts()["total"]
               for model in grid["models"] for data in grid["distortions"]}
@@ -118,7 +109,7 @@ def plot_curves(grid: dict, df: pd.DataFrame, reports: Path, path: Path) -> None
     fig, axes = plt.subplots(1, len(ds), figsize=(4 * len(ds), 3.4), squeeze=False)
     for ax, data in zip(axes[0], ds):
         for model in grid["models"]:
-            key = cell_key(model, data, grid["seeds"][0])
+            key = cell_name(model, data, grid["seeds"][0])
             f = reports / "curves" / f"{key}.csv"
             if key in done and f.is_file():
                 c = pd.read_csv(f)
@@ -136,26 +127,24 @@ def plot_curves(grid: dict, df: pd.DataFrame, reports: Path, path: Path) -> None
     save_figure(fig, path, dpi=110)
 
 
-def plot_invariance(grid: dict, df: pd.DataFrame, reports: Path, path: Path) -> None:
-    """Test error binned by the recorded rotation angle (R) and scale (RTS): baselines vs ST models."""
-    done = completed(df)
-    panels = [(d, p) for d, p in INVARIANCE.items() if d in grid["distortions"]]
+def plot_invariance(grid: dict, records: dict, data_dir: Path, path: Path) -> None:
+    """Test error binned by the recorded distortion strength (R: angle, RTS: scale, P: corner displacement),
+    baselines against their ST models, every seed of a cell pooled."""
+    panels = [d for d in INVARIANCE if d in grid["distortions"]]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 3.6), squeeze=False)
-    for ax, (data, param) in zip(axes[0], panels):
-        for pair in BASELINE_PAIRS:
-            for model in pair:
-                if model not in grid["models"]:
-                    continue
-                keys = [k for s in grid["seeds"] if (k := cell_key(model, data, s)) in done]
-                bins = [pd.read_csv(f) for k in keys if (f := reports / "cells" / k / "bins.csv").is_file()]
-                bins = [b[b.param == param] for b in bins]
-                if not bins or not len(bins[0]):
-                    continue
-                b = pd.concat(bins).groupby(["lo", "hi"], as_index=False).agg(err=("err", "mean"))
-                ax.plot((b.lo + b.hi) / 2, b.err, marker="o", label=ROW_LABELS[model],
-                        ls="-" if model.startswith("st_") else "--")
-        ax.set_title(f"{data.upper()}: test error by {param}")
-        ax.set_xlabel(param + (" (degrees)" if param == "angle" else ""))
+    for ax, data in zip(axes[0], panels):
+        label, values = INVARIANCE[data]
+        for model in (m for pair in BASELINE_PAIRS for m in pair if m in grid["models"]):
+            recs = [records[k] for s in grid["seeds"] if (k := cell_name(model, data, s)) in records]
+            if not recs:
+                continue
+            split = test_split(str(data_dir), data)
+            ok = torch.cat([correct(r, split) for r in recs])
+            b = binned_error(ok, values(split["params"]).repeat(len(recs)))
+            ax.plot(b.mid, b.err, marker="o", label=f"{ROW_LABELS[model]} (n={len(recs)})",
+                    ls="-" if model.startswith("st_") else "--")
+        ax.set_title(f"{data.upper()}: test error by {label.split(' (')[0]}")
+        ax.set_xlabel(label)
         ax.set_ylabel("test error %")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -166,23 +155,40 @@ def plot_invariance(grid: dict, df: pd.DataFrame, reports: Path, path: Path) -> 
     save_figure(fig, path, dpi=110)
 
 
-def plot_transforms(grid: dict, df: pd.DataFrame, reports: Path, out_dir: Path) -> None:
-    """One figure per distortion: the learned transforms (``transforms.png`` of each cell, first seed)
-    of ST-FCN and ST-CNN, affine and TPS, side by side; a figure says so when none was run."""
-    seed, done = grid["seeds"][0], completed(df)
+N_DRAWN = 8  # test images per learned-transform figure (the first ones of the test set)
+
+
+def draw_learned_transforms(records: dict, data_dir: Path, out_dir: Path) -> list[str]:
+    """One figure per ST cell from its record: input, frame of the recorded θ, transformer output
+    (``src.viz.draw_warps``). Figures of cells no longer in the grid are removed; returns the keys drawn."""
+    from src.viz import draw_warps
+
+    drawn = []
+    for key, rec in records.items():
+        if rec.theta is None:
+            continue
+        split = test_split(str(data_dir), rec.config.data.name)
+        x = split["images"][:N_DRAWN].float() / 255
+        draw_warps(transformer(rec), x, rec.theta[:N_DRAWN], out_dir / f"{key}.png",
+                   labels=split["labels"][:N_DRAWN], preds=rec.outcomes["pred"][:N_DRAWN])
+        drawn.append(key)
+    for stale in out_dir.glob("*.png") if out_dir.is_dir() else []:
+        if stale.stem not in drawn:
+            stale.unlink()
+    return drawn
+
+
+def theta_table(grid: dict, records: dict, data_dir: Path) -> pd.DataFrame:
+    """θ statistics of every ST cell's whole test set, from its record (first seed of each cell)."""
+    rows = []
     for data in grid["distortions"]:
-        cells = [(m, f) for m in TRANSFORM_PANELS if m in grid["models"] and (k := cell_key(m, data, seed)) in done
-                 and (f := reports / "cells" / k / "transforms.png").is_file()]
-        fig, axes = plt.subplots(1, max(len(cells), 1), figsize=(7 * max(len(cells), 1), 5.6), squeeze=False)
-        for ax, (model, f) in zip(axes[0], cells):
-            ax.imshow(plt.imread(f))
-            ax.set_title(f"{ROW_LABELS[model]} on {data.upper()} (seed {seed})", fontsize=12)
-        for ax in axes[0]:
-            ax.set_axis_off()
-        if not cells:
-            axes[0][0].text(0.5, 0.5, f"{data.upper()}: no ST cell run yet", ha="center", va="center")
-        fig.tight_layout()
-        save_figure(fig, out_dir / f"{data}.png", dpi=100)
+        for model in grid["models"]:
+            rec = records.get(cell_name(model, data, grid["seeds"][0]))
+            if rec is None or rec.theta is None:
+                continue
+            stats = theta_summary(rec, test_split(str(data_dir), data))
+            rows.append({"cell": rec.key, **{k: round(v, 3) for k, v in stats.items()}})
+    return pd.DataFrame(rows)
 
 
 def deviations(df: pd.DataFrame, paper: dict) -> list[str]:
@@ -199,21 +205,46 @@ def deviations(df: pd.DataFrame, paper: dict) -> list[str]:
     return out
 
 
-def summary(df: pd.DataFrame) -> dict:
-    """Compact metrics for `dvc metrics diff`: mean test error per (distortion, model) that was run."""
+def summary(df: pd.DataFrame, short: pd.DataFrame) -> dict:
+    """Metrics for `dvc metrics show/diff`: every committed cell's test error and the table's means.
+    The one metrics file of the pipeline, so cells not yet run raise no warnings."""
     done = df[df.run]
     err = {d: {m: round(float(g.test_err.mean()), 4) for m, g in dd.groupby("model")} for d, dd in done.groupby("distortion")}
-    return {"cells_run": int(len(done)), "cells_total": int(len(df)), "err": err}
+    out = {"cells_run": int(len(done)), "cells_total": int(len(df)), "err": err,
+           "cells": {k: float(e) for k, e in zip(done.key, done.test_err)}}
+    if len(short) and short.run.any():
+        s = short[short.run]
+        out["short"] = {k: float(e) for k, e in zip(s.key, s.test_err)}
+    return out
 
 
 def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     done = df[df.run].copy()
-    cols = ["key", "test_err", "test_err_last", "test_err_best", "val_err_best", "n_params", "steps", "device", "commit"]
-    return done[cols].rename(columns={"test_err": "test err %", "test_err_last": "last", "test_err_best": "best-val ckpt",
-                                      "val_err_best": "best val err %", "n_params": "params"})
+    cols = ["key", "test_err", "test_err_last", "test_err_best", "val_err_best", "n_params", "steps", "hours",
+            "device", "commit"]
+    return done[cols].rename(columns={"key": "cell", "test_err": "test err %", "test_err_last": "last",
+                                      "test_err_best": "best-val ckpt", "val_err_best": "best val err %",
+                                      "n_params": "params", "hours": "fit hours"})
 
 
-def render(df, grid, counts, paper_ref, seed_ref, sources: str, profile_steps: int, table_ckpt: str) -> str:
+def short_table(short: pd.DataFrame, grid: dict, seed_report: dict) -> pd.DataFrame:
+    """The reduced-budget cells beside the seed report's numbers at the same budget."""
+    out = {}
+    for model in grid["models"]:
+        row = {}
+        for data in grid["distortions"]:
+            runs = short[(short.model == model) & (short.distortion == data) & short.run]
+            ours = "not run"
+            if len(runs):
+                errs = runs.test_err.astype(float)
+                ours = f"**{errs.mean():.2f}**" + (f" ± {errs.std(ddof=1):.2f}" if len(errs) > 1 else "") + f" ({len(errs)})"
+            row[data.upper()] = f"{ours} · {fmt(seed_report.get(model, {}).get(data, float('nan')))}"
+        out[ROW_LABELS.get(model, model)] = row
+    return pd.DataFrame(out).T
+
+
+def render(df, grid, counts, refs: dict, profile_steps: int, table_ckpt: str, thetas: pd.DataFrame,
+           drawn: list[str], short: pd.DataFrame, short_grid: dict | None, short_steps: int) -> str:
     steps_run = sorted({int(s) for s in df[df.run].steps}) if df.run.any() else []
     budget_note = ", ".join(f"{s:,}" for s in steps_run) or "none yet"
     reduced = [s for s in steps_run if s < PAPER_STEPS]
@@ -221,7 +252,8 @@ def render(df, grid, counts, paper_ref, seed_ref, sources: str, profile_steps: i
         "# Results: distorted MNIST (Table 1)",
         "",
         "Generated by `python -m src.aggregate` (the `aggregate` stage of `dvc repro`) from the per-cell "
-        "records in `reports/metrics/` and `reports/cells/`; do not edit by hand.",
+        "records in `reports/metrics/`, `reports/curves/` and `reports/cells/` and the regenerated test sets; "
+        "do not edit by hand.",
         "",
         f"Grid: {len(grid['models'])} models × {len(grid['distortions'])} distortions × seeds {grid['seeds']}, "
         f"profile `{grid['profile']}` ({profile_steps:,} steps). Cells run: {int(df.run.sum())} of {len(df)}. "
@@ -236,13 +268,29 @@ def render(df, grid, counts, paper_ref, seed_ref, sources: str, profile_steps: i
         "",
         "Each cell: **ours** mean ± std over seeds (n runs) · paper · seed report (Sun & Lin 2016, 40k iterations, "
         f"1 run, affine only). Ours: the {table_ckpt} checkpoint (conf/config.yaml `eval.table_ckpt`); "
-        "both the last and the best-validation checkpoint are in the per-cell table below. `not run`: no completed run of this cell; `–`: no reference number. "
-        "The paper gives TC only in its text (no transform type); we place it on the affine rows.",
+        "both the last and the best-validation checkpoint are in the per-cell table below. `not run`: no completed "
+        "run of this cell; `–`: no reference number. The paper gives TC only in its text (no transform type); "
+        "we place it on the affine rows.",
         "",
-        table1(df, grid, paper_ref, seed_ref).to_markdown(),
+        table1(df, grid, refs["paper"], refs["seed"]).to_markdown(),
         "",
-        f"References: {sources}",
+        f"References: {refs['sources']}",
         "",
+    ]
+    if short_grid:
+        lines += [
+            f"## Reduced budget: {short_steps:,} steps (the seed report's budget)",
+            "",
+            f"Cells of params.yaml's `short` grid, trained with `trainer=short` ({short_steps:,} steps, the same "
+            "schedule shape), beside the seed report's single 40k-iteration runs (affine only). They are not "
+            "compared with the paper's 150k-step numbers. Each cell: **ours** (n runs) · seed report.",
+            "",
+            short_table(short, short_grid, refs["seed"]).to_markdown(),
+            "",
+            cell_table(short).to_markdown(index=False) if short.run.any() else "_none run yet_",
+            "",
+        ]
+    lines += [
         "## Parameters per network",
         "",
         "The paper's rule: all networks of one distortion have about the same number of parameters. Counts of "
@@ -255,24 +303,33 @@ def render(df, grid, counts, paper_ref, seed_ref, sources: str, profile_steps: i
         "",
         "![learning curves](figures/curves.png)",
         "",
-        "![invariance](figures/invariance.png)",
+        "![error by distortion strength](figures/invariance.png)",
         "",
-        "Learned transforms (input with the sampled frame, and the transformer's output), per distortion: "
-        + ", ".join(f"[{d.upper()}](figures/transforms/{d}.png)" for d in grid["distortions"])
-        + "; of every trained cell: `reports/cells/<cell>/transforms.png`.",
+        "Learned transforms, drawn from each cell's recorded θ on the first test images (input, the sampled "
+        "frame on the input, the transformer's output; caption: label, prediction): "
+        + (", ".join(f"[{k}](figures/transforms/{k}.png)" for k in drawn) or "_no ST cell run yet_") + ".",
+        "",
+        "## θ on the test set",
+        "",
+        "From each ST cell's record (first seed): mean |θ − identity| (`theta_dev`), the fraction of sampling "
+        "points outside the input (`outside`); for aff/proj the mean determinant, zoom (√|det|), |rotation| and "
+        "shift, and the Pearson r of the recovered rotation with the digit's angle and of the zoom with its "
+        "scale (where the data record them); for tps the mean and largest control-point offset.",
+        "",
+        thetas.to_markdown(index=False) if len(thetas) else "_no ST cell run yet_",
         "",
         f"## Cells more than {int(round(100 * (DEVIATION - 1)))} % (relative) worse than the paper",
         "",
         f"Among the cells trained at the paper's budget ({PAPER_STEPS:,} steps); reduced-budget cells are not compared.",
         "",
-        *(deviations(df, paper_ref) or ["_none_"]),
+        *(deviations(df, refs["paper"]) or ["_none_"]),
         "",
         "What we found about them: [analysis.md](analysis.md).",
         "",
         "## Every cell that was run",
         "",
-        "Budget (steps), hardware and code version of each number above; the full config is in "
-        "`reports/cells/<cell>/provenance.json`.",
+        "Budget (steps), fit time (every segment of a resumed run), hardware and the commit at the start of "
+        "each number above; the full config and every segment are in `reports/cells/<cell>/provenance.json`.",
         "",
         cell_table(df).to_markdown(index=False) if df.run.any() else "_none yet_",
         "",
@@ -283,21 +340,26 @@ def render(df, grid, counts, paper_ref, seed_ref, sources: str, profile_steps: i
 def aggregate(root: Path = REPO) -> pd.DataFrame:
     params = yaml.safe_load((root / "params.yaml").read_text())
     grid = {k: params[k] for k in ("models", "distortions", "seeds", "profile")}
-    reports = root / "reports"
+    short_grid = params.get("short")
+    reports, data_dir = root / "reports", root / "data" / "distorted"
     paper = yaml.safe_load((root / "conf/reference/paper.yaml").read_text())
     seed = yaml.safe_load((root / "conf/reference/seed_report.yaml").read_text())
-    sources = f"{paper['source']}; {seed['source']}."
-    profile_steps = OmegaConf.load(root / "conf/trainer" / f"{grid['profile']}.yaml").max_steps
+    refs = {"paper": paper["err"], "seed": seed["err"], "sources": f"{paper['source']}; {seed['source']}."}
+    steps = {p: OmegaConf.load(root / "conf/trainer" / f"{p}.yaml").max_steps for p in (grid["profile"], "short")}
     table_ckpt = OmegaConf.load(root / "conf/config.yaml").eval.table_ckpt
-    df = collect(grid, reports)
+    df, records = collect(grid, reports)
+    short, short_records = collect(short_grid, reports / "short") if short_grid else (pd.DataFrame(columns=["run"]), {})
     counts = param_counts(grid)
     plot_curves(grid, df, reports, reports / "figures" / "curves.png")
-    plot_invariance(grid, df, reports, reports / "figures" / "invariance.png")
-    plot_transforms(grid, df, reports, reports / "figures" / "transforms")
-    write_atomic(reports / "results.csv", df.to_csv(index=False))
-    write_atomic(reports / "results.md", render(df, grid, counts, paper["err"], seed["err"], sources,
-                                                       profile_steps, table_ckpt))
-    write_json(reports / "summary.json", summary(df))
+    plot_invariance(grid, records, data_dir, reports / "figures" / "invariance.png")
+    drawn = draw_learned_transforms({**records, **{f"short-{k}": r for k, r in short_records.items()}}, data_dir,
+                                    reports / "figures" / "transforms")
+    thetas = theta_table(grid, records, data_dir)
+    write_atomic(reports / "results.csv", pd.concat([df.assign(profile=grid["profile"]),
+                                                     short.assign(profile="short")]).to_csv(index=False))
+    write_atomic(reports / "results.md", render(df, grid, counts, refs, steps[grid["profile"]], table_ckpt, thetas,
+                                                drawn, short, short_grid, steps["short"]))
+    write_json(reports / "summary.json", summary(df, short))
     return df
 
 

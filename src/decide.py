@@ -1,6 +1,6 @@
 """Settle the open protocol choices on validation: SGD momentum × training distortions (fixed | fresh).
 
-Each setting is an ordinary training run (``src.train.train``) whose record goes to
+Each setting is an ordinary training run (``python -m src.train`` in a subprocess) whose record goes to
 ``reports/decisions/<tag>/``; runs whose metrics exist are not repeated, and an interrupted one
 resumes; a record made under another config (any other override) is retrained. The table is then
 written into reports/decisions.md between the markers below. Only validation error is read here:
@@ -15,13 +15,14 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from omegaconf import OmegaConf
 
+from src.config import result_config
 from src.runinfo import REPO, UserError, compose_config, write_atomic
 
 MOMENTA = (0.0, 0.9)
@@ -32,41 +33,29 @@ PAGE = REPO / "reports" / "decisions.md"
 BEGIN, END = "<!-- decide:begin -->", "<!-- decide:end -->"
 
 
-def result_config(config: dict) -> dict:
-    """The part of a resolved config that decides the result (where a run writes and how it talks do not)."""
-    from src.train import NON_RESULT_KEYS
-
-    return {k: v for k, v in config.items() if k not in NON_RESULT_KEYS}
-
-
 def recorded(out: Path, cfg) -> bool:
     """True when ``out`` holds a finished run of exactly this config."""
     try:
         prov = json.loads((out / "provenance.json").read_text())
     except (OSError, ValueError):
         return False
-    current = OmegaConf.to_container(cfg, resolve=True)
-    return (out / "metrics.json").is_file() and result_config(prov.get("config", {})) == result_config(current)
+    return (out / "metrics.json").is_file() and result_config(prov.get("config", {})) == result_config(cfg)
 
 
 def run_setting(overrides: list[str], momentum: float, mode: str) -> dict:
     """Train one setting unless a record of the same config exists; return a table row."""
-    from src.models.module import NonFiniteLoss
-    from src.train import train  # Lightning is only imported when a run is needed
-
     setting = [*overrides, f"optim.momentum={momentum}", f"loader.mode={mode}"]
     cfg = compose_config(setting)
     tag = f"{cfg.model.name}-{cfg.data.name}-{cfg.trainer.max_steps}steps-s{cfg.seed}-m{momentum:g}-{mode}"
     out = OUT_DIR / tag
-    cfg = compose_config([*setting, "quiet=true", f"paths.run_dir={REPO / 'runs' / 'decisions' / tag}",
-                          f"paths.metrics_file={out / 'metrics.json'}", f"paths.curve_file={out / 'curve.csv'}",
-                          f"paths.cell_dir={out}"])
+    run = [*setting, "quiet=true", f"paths.run_dir={REPO / 'runs' / 'decisions' / tag}",
+           f"paths.metrics_file={out / 'metrics.json'}", f"paths.curve_file={out / 'curve.csv'}", f"paths.cell_dir={out}"]
+    cfg = compose_config(run)
     if not recorded(out, cfg):
         print(f"decide: training {tag}", flush=True)
-        try:
-            train(cfg)
-        except NonFiniteLoss as e:
-            raise UserError(f"{tag}: {e}") from None
+        r = subprocess.run([sys.executable, "-m", "src.train", *run], cwd=REPO, stderr=subprocess.PIPE, text=True)
+        if r.returncode:
+            raise UserError(f"{tag}: {(r.stderr.strip().splitlines() or ['training failed'])[-1]}")
     m = json.loads(Path(cfg.paths.metrics_file).read_text())
     prov = json.loads((out / "provenance.json").read_text())
     return {"model": cfg.model.name, "data": cfg.data.name, "steps": m["steps"], "seed": cfg.seed,

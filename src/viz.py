@@ -11,6 +11,7 @@ Uses matplotlib's object API (no pyplot, no global backend switch): safe in work
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from src.runinfo import write_atomic
 from src.stn.transformer import SpatialTransformer
 from src.stn.stats import rotation_deg
 
@@ -63,7 +65,6 @@ def draw_transforms(model: nn.Module, images: torch.Tensor, path, *, labels=None
     """Run ``model`` (a ``SpatialTransformer``, or a net with ``.st`` and ``.classifier``) on a batch
     of [0, 1] images (B, 1, H, W) and write the three-panel figure to ``path`` (PNG); returns the path.
 
-    ``lattice``: lines per axis drawn in panel (b); default 2 (the frame) for aff/proj, 7 for tps.
     Predictions are shown when ``model`` has a classifier, labels when given.
     """
     st = model if isinstance(model, SpatialTransformer) else getattr(model, "st", None)
@@ -73,7 +74,18 @@ def draw_transforms(model: nn.Module, images: torch.Tensor, path, *, labels=None
     x = images.to(device=ref.device, dtype=ref.dtype)
     out, theta = st(x)
     preds = model.classifier(out).argmax(1) if model is not st else None
+    return draw_warps(st, x, theta, path, labels=labels, preds=preds, lattice=lattice, per_row=per_row, dpi=dpi)
 
+
+@torch.no_grad()
+def draw_warps(st: SpatialTransformer, images: torch.Tensor, theta: torch.Tensor, path, *, labels=None, preds=None,
+               lattice: int | None = None, per_row: int = 2, dpi: int = 100) -> Path:
+    """The three-panel figure of given θ (e.g. from a cell's record): input, frame T_θ(G) on the input,
+    and ``st.warp(input, θ)``. ``lattice``: lines per axis in panel (b); default 2 (the frame) for
+    line-preserving transforms, 7 for tps."""
+    x = images.float()
+    theta = theta.float()
+    out = st.warp(x, theta)
     lines = lattice or (7 if st.transform == "tps" else 2)
     sub = 1 if st.transform in ("aff", "proj") else 4  # aff/proj map lines to lines
     in_hw = tuple(x.shape[-2:])
@@ -110,7 +122,8 @@ def draw_transforms(model: nn.Module, images: torch.Tensor, path, *, labels=None
         ax_frame.set_xlim(float(lo[0]), float(hi[0]))
         ax_frame.set_ylim(float(hi[1]), float(lo[1]))
         ax_frame.set_title(_caption(i, st.transform, theta, labels, preds), fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    write_atomic(path, buf.getvalue())  # never a truncated PNG
     return path

@@ -1,0 +1,125 @@
+"""A trained cell's record, read back, and what the report derives from it.
+
+A record is what the train stage commits (``reports/{metrics,curves,cells}``): the metrics, the
+learning curve, the provenance (whole config included) and the raw outcomes of the test set (every
+prediction and, for ST models, every θ). With the regenerated test split, that is all a figure or
+an analysis table needs: the transformer's output is ``st.warp(x, θ)``, its frame is θ's grid, and
+per-image correctness is ``pred == label``. So report code is never a dependency of a train cell.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+
+from src.runinfo import UserError, load_checked
+
+
+@dataclass
+class Record:
+    key: str
+    metrics: dict
+    provenance: dict
+    outcomes: dict  # pred uint8 (N,), theta float16 (N, K) for ST models, test_sha256
+
+    @property
+    def config(self):
+        return OmegaConf.create(self.provenance["config"])
+
+    @property
+    def theta(self) -> torch.Tensor | None:
+        t = self.outcomes.get("theta")
+        return None if t is None else t.float()
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_record(reports: Path, key: str) -> Record | None:
+    """The complete record of a cell, or None (not run, unfinished, or unreadable)."""
+    metrics = _json(reports / "metrics" / f"{key}.json")
+    prov = _json(reports / "cells" / key / "provenance.json")
+    path = reports / "cells" / key / "outcomes.pt"
+    if metrics is None or prov is None or "config" not in prov or not path.is_file():
+        return None
+    try:
+        outcomes = load_checked(path, hint=f"dvc repro -f -s train@{key}")
+    except UserError:
+        return None
+    return Record(key, metrics, prov, outcomes)
+
+
+@functools.lru_cache(maxsize=8)
+def test_split(data_dir: str, name: str) -> dict:
+    """The regenerated test split of a distortion (checked against its manifest)."""
+    from src.data.distort import load_split
+
+    return load_split(Path(data_dir) / name, "test")
+
+
+def correct(rec: Record, split: dict) -> torch.Tensor:
+    """Per-image correctness of the record's predictions on ``split`` (the one it was tested on)."""
+    if len(rec.outcomes["pred"]) != len(split["labels"]):
+        raise UserError(f"{rec.key}: {len(rec.outcomes['pred'])} predictions for {len(split['labels'])} test images; "
+                        f"the data changed since the cell was trained")
+    return rec.outcomes["pred"].long() == split["labels"]
+
+
+# The distortion parameter each invariance plot bins the test error by: name → (label, per-image values).
+INVARIANCE = {
+    "r": ("rotation angle (degrees)", lambda p: p["angle"]),
+    "rts": ("scale", lambda p: p["scale"]),
+    "p": ("largest corner displacement (px)", lambda p: p["corners"].norm(dim=-1).amax(-1)),
+}
+
+
+def binned_error(ok: torch.Tensor, values: torch.Tensor, n_bins: int = 12) -> pd.DataFrame:
+    """Test error % in equal-width bins of ``values``: columns lo, hi, mid, n, err."""
+    v = values.double()
+    edges = torch.linspace(float(v.min()), float(v.max()), n_bins + 1, dtype=torch.float64)
+    idx = torch.bucketize(v, edges[1:-1], right=True)
+    rows = []
+    for b in range(n_bins):
+        sel = idx == b
+        if int(sel.sum()):
+            rows.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(sel.sum()),
+                         "err": 100.0 * (1 - ok[sel].double().mean().item())})
+    df = pd.DataFrame(rows)
+    df["mid"] = (df.lo + df.hi) / 2
+    return df
+
+
+def transformer(rec: Record):
+    """The record's spatial transformer (architecture only: θ comes from the record, not from weights)."""
+    from src.models.build import build_model
+
+    net, _ = build_model(rec.config)
+    return net.st
+
+
+@torch.no_grad()
+def theta_summary(rec: Record, split: dict) -> dict[str, float]:
+    """θ statistics of the whole test set (the transform's own statistics), plus, where the data record
+    the rotation angle or the scale, how closely the affine part follows them (Pearson r)."""
+    from src.stn.stats import rotation_deg, theta_stats
+
+    st, theta = transformer(rec), rec.theta
+    out = {k: float(v) for k, v in theta_stats(st, theta).items()}
+    params = split.get("params", {})
+    if theta.shape[1] in (6, 8):  # a 2×2 linear part: aff and proj
+        if "angle" in params:
+            out["r(rotation, angle)"] = float(torch.corrcoef(torch.stack([rotation_deg(theta), params["angle"].float()]))[0, 1])
+        if "scale" in params and float(params["scale"].std()) > 0:
+            zoom = torch.linalg.det(theta[:, [0, 1, 3, 4]].view(-1, 2, 2)).abs().sqrt()
+            out["r(zoom, scale)"] = float(torch.corrcoef(torch.stack([zoom, params["scale"].float()]))[0, 1])
+    return out
