@@ -1,0 +1,126 @@
+"""The result fingerprint: a hash of what the training code computes, per model and distortion.
+
+``python -m src.fingerprint`` trains every model of the grid for a few hundred steps on a small
+synthetic digit set under every distortion, through the same pieces a cell uses (the stage's
+generator, fresh draws of the datamodule, the network builder, ``Classifier.training_step``, its
+optimiser and schedule), and hashes the final weights and the logits of a fixed distorted batch.
+``tests/fingerprint.json`` holds the committed hashes; ``tests/test_fingerprint.py`` compares.
+
+A change that keeps every hash leaves every result bit-identical, so committed cells may be
+re-locked with ``dvc commit -f`` (say so in the commit message); a change that moves a hash
+retrains the cells it touches. The hashes must not depend on the machine: the computation runs in
+a child process pinned to portable kernels (ATen's default capability, MKL's compatible code path,
+oneDNN off, one thread), which is what ``python -m src.fingerprint`` does by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1",
+                "MKL_NUM_THREADS": "1", "DNNL_MAX_CPU_ISA": "SSE41"}
+FILE = Path(__file__).resolve().parents[1] / "tests" / "fingerprint.json"
+STEPS, BATCH, N_DIGITS, N_EVAL = 200, 16, 64, 32
+
+
+def synthetic_digits(n: int, seed: int):
+    """Digit-like uint8 images (N, 1, 28, 28): three Gaussian blobs in the central 20×20 (float64, exact)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    centres = 8 + 12 * torch.rand(n, 3, 2, generator=g, dtype=torch.float64)
+    sigma = 1.2 + 1.2 * torch.rand(n, 3, 1, 1, generator=g, dtype=torch.float64)
+    ax = torch.arange(28, dtype=torch.float64)
+    dx = ax[None, None, None, :] - centres[..., 0, None, None]
+    dy = ax[None, None, :, None] - centres[..., 1, None, None]
+    img = torch.exp(-(dx ** 2 + dy ** 2) / (2 * sigma ** 2)).sum(1).clamp(max=1)
+    return (img * 255).round().to(torch.uint8)[:, None]
+
+
+def cell_hash(model: str, data: str) -> str:
+    """Train ``model`` on ``data`` for STEPS steps of BATCH fresh draws; hash weights and eval logits."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from src.data.datamodule import DistortedMNIST, to_float
+    from src.data.distort import generate_split
+    from src.models.build import build_model
+    from src.models.module import Classifier
+    from src.runinfo import compose_config
+
+    cfg = compose_config([f"model={model}", f"data={data}", "trainer=smoke", f"trainer.max_steps={STEPS}",
+                          f"trainer.val_check_interval={STEPS}", f"loader.batch_size={BATCH}", "loader.mode=fresh"])
+    torch.manual_seed(cfg.seed)
+    net, _ = build_model(cfg)
+    module = Classifier(net, OmegaConf.to_container(cfg.optim, resolve=True), STEPS)
+    dm = DistortedMNIST(cfg.data, cfg.loader, cfg.paths, cfg.stn.align_corners, cfg.seed)
+    dm.train_images = synthetic_digits(N_DIGITS, 1)
+    dm.train_labels = torch.arange(N_DIGITS) % 10
+    opt_cfg = module.configure_optimizers()
+    opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+    for step in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        module.training_step(dm.train_batch(step), step).backward()
+        opt.step()
+        sched.step()
+    eval_u8, _ = generate_split(synthetic_digits(N_EVAL, 2), cfg.data, 7, bool(cfg.stn.align_corners),
+                                pool=synthetic_digits(N_EVAL, 3))
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+    with torch.no_grad():
+        h.update(net.eval()(to_float(eval_u8)).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def all_hashes() -> dict[str, str]:
+    import torch
+
+    from src.config import cell_name
+    from src.runinfo import REPO
+
+    torch.backends.mkldnn.enabled = False
+    torch.set_num_threads(1)
+    models = sorted(p.stem for p in (REPO / "conf/model").glob("*.yaml"))
+    distortions = sorted(p.stem for p in (REPO / "conf/data").glob("*.yaml"))
+    return {cell_name(m, d, 0): cell_hash(m, d) for d in distortions for m in models}
+
+
+def pinned(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The hashes, computed in a child process pinned to portable kernels (``env`` may override)."""
+    child_env = {**os.environ, **PORTABLE_ENV, **(env or {})}
+    r = subprocess.run([sys.executable, "-m", "src.fingerprint", "--here"], cwd=FILE.parents[1], env=child_env,
+                       capture_output=True, text=True, timeout=1800)
+    if r.returncode:
+        raise RuntimeError(f"fingerprint child failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="result fingerprint of the training code")
+    parser.add_argument("--write", action="store_true", help=f"write the hashes to {FILE.name}")
+    parser.add_argument("--here", action="store_true", help="compute in this process (no pinning), print JSON")
+    a = parser.parse_args()
+    if a.here:
+        print(json.dumps(all_hashes(), indent=1, sort_keys=True))
+        return
+    hashes = pinned()
+    if a.write:
+        FILE.write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n")
+        print(f"fingerprint: {len(hashes)} hashes -> {FILE}")
+        return
+    committed = json.loads(FILE.read_text()) if FILE.is_file() else {}
+    moved = sorted(k for k in hashes if committed.get(k) != hashes[k])
+    print("fingerprint: unchanged" if not moved else f"fingerprint: {len(moved)} changed: {', '.join(moved)}")
+    sys.exit(1 if moved else 0)
+
+
+if __name__ == "__main__":
+    main()
