@@ -99,7 +99,9 @@ def base_p(img, p, i, cfg, ac):
     xx, yy = _out_grid(size)
     w = h[2, 0] * xx + h[2, 1] * yy + 1
     val = _sample_at(img, (h[0, 0] * xx + h[0, 1] * yy + h[0, 2]) / w, (h[1, 0] * xx + h[1, 1] * yy + h[1, 2]) / w)
-    return _q((val * (w > 0)).reshape(size, size))  # nothing is seen beyond the horizon
+    cx, cy = (frame + moves).mean(0)  # inside the convex quad: the digit's side of the horizon
+    front = w * np.sign(h[2, 0] * cx + h[2, 1] * cy + 1) > 0
+    return _q((val * front).reshape(size, size))  # nothing is seen beyond the horizon
 
 
 def base_e(img, p, i, cfg, ac):
