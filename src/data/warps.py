@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -114,7 +115,17 @@ def apply_similarity(x, params, cfg, align_corners, pool=None):
 
 # ------------------------------------------------------------------ projective: P
 
-def _square_to_quad(q: torch.Tensor) -> torch.Tensor:
+# The acceptance tests and the homography algebra work on a few numbers per image: numpy float64
+# (elementwise IEEE arithmetic, the same bits as torch's, at a fraction of torch's per-call cost).
+
+def _np(t) -> np.ndarray:
+    """A CPU tensor (or array) as a numpy array; float types numpy lacks become float64."""
+    if isinstance(t, np.ndarray):
+        return t
+    return (t if t.dtype in (torch.uint8, torch.float32, torch.float64, torch.int64, torch.bool) else t.to(DRAW)).numpy()
+
+
+def _square_to_quad_np(q: np.ndarray) -> np.ndarray:
     """Homographies (N, 3, 3) taking the unit square's corners (0,0),(1,0),(1,1),(0,1) to q (N, 4, 2).
 
     Closed form (Heckbert 1989): elementwise arithmetic only, so no solver enters the data.
@@ -126,43 +137,55 @@ def _square_to_quad(q: torch.Tensor) -> torch.Tensor:
     g, h = (sx * dy2 - dx2 * sy) / den, (dx1 * sy - sx * dy1) / den
     a, b, c = x[:, 1] - x[:, 0] + g * x[:, 1], x[:, 3] - x[:, 0] + h * x[:, 3], x[:, 0]
     d, e, f = y[:, 1] - y[:, 0] + g * y[:, 1], y[:, 3] - y[:, 0] + h * y[:, 3], y[:, 0]
-    one = torch.ones_like(g)
-    return torch.stack([a, b, c, d, e, f, g, h, one], -1).reshape(-1, 3, 3)
+    return np.stack([a, b, c, d, e, f, g, h, np.ones_like(g)], -1).reshape(-1, 3, 3)
 
 
-def _adjugate3(m: torch.Tensor) -> torch.Tensor:
+def _square_to_quad(q) -> torch.Tensor:
+    return torch.from_numpy(_square_to_quad_np(_np(q)))
+
+
+def _adjugate3(m: np.ndarray) -> np.ndarray:
     """Adjugate of (N, 3, 3) matrices (the inverse up to scale, which a homography ignores)."""
     c = [[m[:, (i + 1) % 3, (j + 1) % 3] * m[:, (i + 2) % 3, (j + 2) % 3]
           - m[:, (i + 1) % 3, (j + 2) % 3] * m[:, (i + 2) % 3, (j + 1) % 3] for j in range(3)] for i in range(3)]
-    return torch.stack([torch.stack(row, -1) for row in c], -2).transpose(1, 2)
+    return np.stack([np.stack(row, -1) for row in c], -2).transpose(0, 2, 1)
 
 
-def quad_is_convex(quad: torch.Tensor) -> torch.Tensor:
+def _det3(m: np.ndarray) -> np.ndarray:
+    return (m[:, 0, 0] * (m[:, 1, 1] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 1])
+            - m[:, 0, 1] * (m[:, 1, 0] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 0])
+            + m[:, 0, 2] * (m[:, 1, 0] * m[:, 2, 1] - m[:, 1, 1] * m[:, 2, 0]))
+
+
+def _convex_np(quad: np.ndarray) -> np.ndarray:
+    edge = np.roll(quad, -1, 1) - quad
+    nxt = np.roll(edge, -1, 1)
+    return ((edge[..., 0] * nxt[..., 1] - edge[..., 1] * nxt[..., 0]) > 0).all(1)
+
+
+def quad_is_convex(quad) -> torch.Tensor:
     """(N,) True where the quadrilateral (N, 4, 2) TL, TR, BR, BL (y down) is strictly convex with the
     frame's orientation: every turn has the same strict sign. A fold, a bow tie or a mirror fails."""
-    edge = quad.roll(-1, 1) - quad
-    nxt = edge.roll(-1, 1)
-    turn = edge[..., 0] * nxt[..., 1] - edge[..., 1] * nxt[..., 0]
-    return (turn > 0).all(1)
+    return torch.from_numpy(_convex_np(_np(quad)))
 
 
-def _pixel_centres(align_corners: bool) -> torch.Tensor:
-    """(784, 2) normalised (x, y) centres of the digit's pixels, row-major (float64, CPU)."""
-    return _cached(("centres", align_corners), lambda: base_grid(DIGIT, DIGIT, align_corners, dtype=DRAW).reshape(-1, 2))
+def _pixel_centres(align_corners: bool) -> np.ndarray:
+    """(784, 2) normalised (x, y) centres of the digit's pixels, row-major (float64)."""
+    return _cached(("centres", align_corners),
+                   lambda: base_grid(DIGIT, DIGIT, align_corners, dtype=DRAW).reshape(-1, 2).numpy())
 
 
-def _ink_box(x_cpu: torch.Tensor, align_corners: bool) -> torch.Tensor:
-    """(N, 4, 2) normalised corners TL, TR, BR, BL of each digit's ink box (pixel centres; 0 if empty)."""
-    n = len(x_cpu)
-    img = x_cpu.reshape(n, DIGIT, DIGIT)
+def _ink_rows(x: np.ndarray, align_corners: bool):
+    """Each digit's ink, row by row: the normalised (x, y) of every row's first and last ink pixel
+    (N, 28, 2, 2) and the row's ink mass (N, 28); rows without ink have mass 0."""
+    n = len(x)
+    img = x.reshape(n, DIGIT, DIGIT)
+    has = img > 0
     centres = _pixel_centres(align_corners)[:DIGIT, 0]  # normalised x of the columns (= y of the rows)
-    ext = []
-    for has in (img.amax(1) > 0, img.amax(2) > 0):  # columns (x), then rows (y)
-        first = has.to(torch.uint8).argmax(1)  # argmax returns the first maximum
-        last = DIGIT - 1 - has.flip(1).to(torch.uint8).argmax(1)
-        ext.append((centres[first], centres[last]))
-    (x0, x1), (y0, y1) = ext
-    return torch.stack([x0, y0, x1, y0, x1, y1, x0, y1], 1).view(n, 4, 2)
+    first, last = centres[has.argmax(2)], centres[DIGIT - 1 - has[:, :, ::-1].argmax(2)]  # argmax: the first True
+    ys = np.broadcast_to(centres[:, None], (n, DIGIT, 2))
+    ends = np.stack([np.stack([first, last], -1), ys], -1)
+    return ends, img.sum(2, dtype=np.float64)
 
 
 def _front_inside(fwd, u, v, size):
@@ -170,13 +193,26 @@ def _front_inside(fwd, u, v, size):
     in front of the horizon (no divide)."""
     xw, yw, w = (fwd[..., r, 0] * u + fwd[..., r, 1] * v + fwd[..., r, 2] for r in range(3))
     edge = size / 2 * w  # the canvas edges lie at ±size/2 px about its centre in either convention
-    return w, (w > 0) & (xw.abs() <= edge) & (yw.abs() <= edge)
+    return w, (w > 0) & (np.abs(xw) <= edge) & (np.abs(yw) <= edge)
 
 
 def _area_unit(fwd, scale, ink_scale, align_corners):
     """det(fwd) times the pixel-area factor: a digit pixel where fwd has w covers this / w³ of the area
     it has after the scale alone (1 for the unmoved frame); a homography's Jacobian is det / w³."""
     return _det3(fwd) * (px_unit(DIGIT, align_corners) / 2) ** 2 * (ink_scale / scale) ** 2
+
+
+def _ink_kept_np(x, fwd, scale, ink_scale, size, align_corners):
+    n = len(x)
+    flat = x.reshape(n, -1)
+    img, pix = np.nonzero(flat)
+    mass = flat[img, pix].astype(np.float64)
+    p = (ink_scale[img, None] * _pixel_centres(align_corners)[pix] + 1) / 2
+    w, inside = _front_inside(fwd[img], p[:, 0], p[:, 1], size)
+    area = _area_unit(fwd, scale, ink_scale, align_corners)[img] / w ** 3
+    total = np.bincount(img, mass, minlength=n)
+    kept = np.bincount(img, mass * area * inside, minlength=n)
+    return np.where(total > 0, kept / np.maximum(total, 1e-300), 1.0)
 
 
 def ink_kept(x_cpu, fwd, scale, ink_scale, size: int, align_corners: bool) -> torch.Tensor:
@@ -187,41 +223,42 @@ def ink_kept(x_cpu, fwd, scale, ink_scale, size: int, align_corners: bool) -> to
     ``fwd`` (N, 3, 3): unit square → output px about the canvas centre; a digit pixel at normalised p
     sits at (ink_scale·p + 1)/2 of that square. float64 on the CPU, ink pixels only.
     """
-    n = len(x_cpu)
-    flat = x_cpu.reshape(n, -1)
-    img, pix = flat.nonzero(as_tuple=True)
-    mass = flat[img, pix].to(DRAW)
-    p = (ink_scale[img, None] * _pixel_centres(align_corners)[pix] + 1) / 2
-    w, inside = _front_inside(fwd[img], p[:, 0], p[:, 1], size)
-    area = _area_unit(fwd, scale, ink_scale, align_corners)[img] / w ** 3
-    total = torch.zeros(n, dtype=DRAW).index_add_(0, img, mass)
-    kept = torch.zeros(n, dtype=DRAW).index_add_(0, img, mass * area * inside)
-    return torch.where(total > 0, kept / total.clamp_min(1e-300), 1.0)
+    return torch.from_numpy(_ink_kept_np(*map(_np, (x_cpu, fwd, scale, ink_scale)), size, align_corners))
 
 
-def ink_accepted(x_cpu, fwd, scale, ink_scale, size: int, align_corners: bool, floor: float,
-                 ink_box: torch.Tensor | None = None) -> torch.Tensor:
-    """(N,) ``ink_kept(...) >= floor``, per pixel only where the digit's ink box cannot decide it.
-
-    For a convex quad w > 0 over the whole square and the image of a rectangle is convex, so a digit
-    whose ink box lands inside keeps at least the smallest area factor over the box, which (w being
-    linear) is reached at a box corner.
-    """
-    box = (ink_scale[:, None, None] * (_ink_box(x_cpu, align_corners) if ink_box is None else ink_box) + 1) / 2
-    w, inside = _front_inside(fwd[:, None], box[..., 0], box[..., 1], size)
-    least = _area_unit(fwd, scale, ink_scale, align_corners) / w.amax(1) ** 3
-    ok = inside.all(1) & (least >= floor)
-    sub = (~ok).nonzero()[:, 0]
+def _ink_accepted_np(x, fwd, scale, ink_scale, size, align_corners, floor, rows=None):
+    ends, mass = _ink_rows(x, align_corners) if rows is None else rows
+    p = (ink_scale[:, None, None, None] * ends + 1) / 2
+    w, inside = _front_inside(fwd[:, None, None], p[..., 0], p[..., 1], size)  # (N, 28, 2)
+    has = mass > 0
+    w_max = np.where(has[..., None], w, -np.inf).reshape(len(x), -1).max(1)
+    least = _area_unit(fwd, scale, ink_scale, align_corners) / w_max ** 3
+    total = mass.sum(1)
+    sure = (mass * inside.all(2)).sum(1)
+    ok = (least * sure >= floor * total) | (total == 0)
+    sub = np.flatnonzero(~ok)
     if len(sub):
-        ok[sub] = ink_kept(x_cpu[sub], fwd[sub], scale[sub], ink_scale[sub], size, align_corners) >= floor
+        ok[sub] = _ink_kept_np(x[sub], fwd[sub], scale[sub], ink_scale[sub], size, align_corners) >= floor
     return ok
+
+
+def ink_accepted(x_cpu, fwd, scale, ink_scale, size: int, align_corners: bool, floor: float) -> torch.Tensor:
+    """(N,) ``ink_kept(...) >= floor``, per pixel only where a lower bound from the rows cannot decide it.
+
+    For a convex quad w > 0 over the whole square, and the image of a segment is a segment, so a row
+    whose first and last ink pixels land inside lies inside; the area factor det/w³ over the ink is at
+    least its smallest value at those row ends (w is linear). So the ink kept is at least that smallest
+    factor times the mass of the rows inside, and only digits where that bound falls short of the floor
+    are mapped pixel by pixel.
+    """
+    return torch.from_numpy(_ink_accepted_np(*map(_np, (x_cpu, fwd, scale, ink_scale)), size, align_corners, floor))
 
 
 def _projective_candidates(n, cfg, g, align_corners):
     """n candidate draws: scale, corner moves, and the quad (output px about the centre) they give."""
-    scale = _uniform(cfg.scale, n, g)
-    moves = float(cfg.corner_sigma_px) * torch.randn(n, 4, 2, generator=g, dtype=DRAW)
-    frame = torch.tensor(FRAME, dtype=DRAW) / px_unit(DIGIT, align_corners)  # the digit frame's corners, px
+    scale = _uniform(cfg.scale, n, g).numpy()
+    moves = (float(cfg.corner_sigma_px) * torch.randn(n, 4, 2, generator=g, dtype=DRAW)).numpy()
+    frame = np.array(FRAME) / px_unit(DIGIT, align_corners)  # the digit frame's corners, px
     quad = (frame if str(cfg.get("corners", "frame")) == "frame" else frame * scale[:, None, None]) + moves
     return scale, moves, quad
 
@@ -232,9 +269,9 @@ MAX_REDRAW_ROUNDS = 100
 def draw_projective(x_cpu, cfg, g, align_corners, pool_len=None):
     """P: scale about the centre by U[scale], move the 4 corners by N(0, σ²) px, warp projectively.
 
-    A candidate is accepted when its quad is strictly convex and at least ``min_ink_inside`` of the
-    digit's ink mass lands inside the canvas (conf/data/p.yaml); rejected images get a fresh
-    candidate, drawn for all of them at once in index order, until every image has one.
+    A candidate is accepted when its quad is strictly convex and the warp keeps at least
+    ``min_ink_inside`` of the scaled digit's ink inside the canvas (conf/data/p.yaml); rejected images
+    get a fresh candidate, drawn for all of them at once in index order, until every image has one.
     ``corners: frame`` moves the corners of the 28×28 frame (the homography then acts on the scaled
     digit); ``box`` moves the corners of the scaled digit's box.
     """
@@ -243,37 +280,33 @@ def draw_projective(x_cpu, cfg, g, align_corners, pool_len=None):
         raise ValueError(f"corners must be 'frame' or 'box', got {cfg.get('corners')!r}")
     floor = float(cfg.get("min_ink_inside", 0.0))
     scale, moves, quad = _projective_candidates(n, cfg, g, align_corners)
-    fwd = _square_to_quad(quad)
-    box = _ink_box(x_cpu, align_corners) if floor > 0 else None
-    redraws = torch.zeros(n, dtype=DRAW)
-    todo = torch.arange(n)
+    fwd = _square_to_quad_np(quad)
+    x = _np(x_cpu) if floor > 0 else None
+    rows = _ink_rows(x, align_corners) if floor > 0 else None
+    redraws = np.zeros(n)
+    todo = np.arange(n)
     for _ in range(MAX_REDRAW_ROUNDS):
-        ok = quad_is_convex(quad[todo])
-        if floor > 0 and bool(ok.any()):
+        ok = _convex_np(quad[todo])
+        if floor > 0 and ok.any():
             conv = todo[ok]
-            ok[ok.clone()] = ink_accepted(x_cpu[conv], fwd[conv], scale[conv], _ink_scale(scale[conv], cfg), size,
-                                          align_corners, floor, box[conv])
+            ok[ok.copy()] = _ink_accepted_np(x[conv], fwd[conv], scale[conv], _ink_scale(scale[conv], cfg), size,
+                                             align_corners, floor, (rows[0][conv], rows[1][conv]))
         todo = todo[~ok]
         if len(todo) == 0:
             break
         redraws[todo] += 1
         scale[todo], moves[todo], quad[todo] = _projective_candidates(len(todo), cfg, g, align_corners)
-        fwd[todo] = _square_to_quad(quad[todo])
+        fwd[todo] = _square_to_quad_np(quad[todo])
     else:
         raise ValueError(f"P: {len(todo)} image(s) found no acceptable draw in {MAX_REDRAW_ROUNDS} rounds")
-    return {"scale": scale, "corners": moves, "redraws": redraws,
-            "theta": _sampling_homography(fwd, scale, cfg, size, align_corners)}
+    theta = _sampling_homography(fwd, scale, cfg, size, align_corners)
+    return {k: torch.from_numpy(v) for k, v in
+            {"scale": scale, "corners": moves, "redraws": redraws, "theta": theta}.items()}
 
 
 def _ink_scale(scale, cfg):
     """Where the digit sits in the unit square mapped onto the quad: scaled for ``frame``, whole for ``box``."""
-    return scale if str(cfg.get("corners", "frame")) == "frame" else torch.ones_like(scale)
-
-
-def _det3(m: torch.Tensor) -> torch.Tensor:
-    return (m[:, 0, 0] * (m[:, 1, 1] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 1])
-            - m[:, 0, 1] * (m[:, 1, 0] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 0])
-            + m[:, 0, 2] * (m[:, 1, 0] * m[:, 2, 1] - m[:, 1, 1] * m[:, 2, 0]))
+    return scale if str(cfg.get("corners", "frame")) == "frame" else np.ones_like(scale)
 
 
 def _sampling_homography(fwd, scale, cfg, size, align_corners):
@@ -284,13 +317,19 @@ def _sampling_homography(fwd, scale, cfg, size, align_corners):
     with λ > 0 inside a convex quad, so the sign of det(fwd) fixes the side. (Dividing by h33 instead
     would flip the side whenever the canvas centre lies beyond the horizon, and black out the digit.)
     """
+    fwd, scale = _np(fwd), _np(scale)
     k_out = px_unit(size, align_corners)
     # output px → unit square → input frame [-1, 1]² (normalised) → undo the scale ("frame" only)
-    to_frame = torch.tensor([[2.0, 0.0, -1.0], [0.0, 2.0, -1.0], [0.0, 0.0, 1.0]], dtype=DRAW)
-    out_px = torch.tensor([1 / k_out, 1 / k_out, 1.0], dtype=DRAW)  # normalised → px
-    inv = (to_frame @ _adjugate3(fwd)) * out_px
-    inv = torch.cat([inv[:, :2] / _ink_scale(scale, cfg)[:, None, None], inv[:, 2:]], 1).reshape(-1, 9)
-    return inv * (torch.sign(_det3(fwd)) / inv.norm(dim=1))[:, None]
+    # (elementwise, no matrix product or reduction whose rounding could depend on the BLAS or the CPU)
+    adj = _adjugate3(fwd)
+    inv = np.stack([2 * adj[:, 0] - adj[:, 2], 2 * adj[:, 1] - adj[:, 2], adj[:, 2]], 1)  # [[2,0,-1],[0,2,-1],[0,0,1]]·adj
+    inv = inv * np.array([1 / k_out, 1 / k_out, 1.0])  # columns: output normalised → px
+    inv[:, :2] /= _ink_scale(scale, cfg)[:, None, None]
+    inv = inv.reshape(-1, 9)
+    norm2 = inv[:, 0] * inv[:, 0]
+    for k in range(1, 9):
+        norm2 = norm2 + inv[:, k] * inv[:, k]
+    return inv * (np.sign(_det3(fwd)) / np.sqrt(norm2))[:, None]
 
 
 BEHIND = -4.0  # a normalised coordinate far outside the frame: zero padding samples black there
