@@ -322,11 +322,12 @@ baseline solves and evaluates a TPS per digit, which we precompute once as one m
 
 
 FRESH_NOTE = """
-Where P misses: its acceptance test (strictly convex quad, and the share of the scaled digit's ink the
-warp keeps inside the canvas, on the CPU in float64) is a few dozen small tensor operations per batch,
-each with a fixed per-call cost of some microseconds on this CPU, and digits whose ink box is not
-certified inside by its four corners are mapped pixel by pixel. The warp itself (one batched
-homography grid and one `grid_sample`) costs about as much as the bare affine warp.
+Where P misses: its acceptance test runs on the CPU in float64 before the warp (is the quad strictly
+convex; does the warp keep at least `min_ink_inside` of the scaled digit's ink inside the canvas).
+It is a few dozen small numpy operations per batch plus a pass over the digits' rows (each row's
+first and last ink pixel bound the ink kept from below), and the digits whose bound falls short are
+mapped pixel by pixel. On this CPU that costs about as much as the warp itself; the warp (one
+batched homography grid and one `grid_sample`) costs about as much as the bare affine warp.
 """
 
 
