@@ -38,7 +38,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from src.data.warps import distort_batch  # noqa: E402
+from src.data.warps import distort_batch, warp_of  # noqa: E402
 from src.runinfo import UserError, compose_config, device_name, git_commit, versions, write_atomic  # noqa: E402
 from src.stn.transformer import SpatialTransformer  # noqa: E402
 
@@ -317,9 +317,9 @@ def data_time(dev, rounds: int, calls: int, distortions, extra: list[str]) -> di
     fns = {}
     for d in distortions:
         cfg = compose_config([*extra, f"data={d}"])
-        g = torch.Generator(device=dev).manual_seed(0)
+        g = torch.Generator().manual_seed(0)  # parameters are drawn on the CPU whatever the device
         fns[d] = (lambda cfg=cfg, g=g: distort_batch(x, cfg.data, g, align_corners=False,
-                                                      clutter_pool=raw if cfg.data.name == "tc" else None))
+                                                      clutter_pool=raw if warp_of(cfg.data).needs_pool else None))
     return race(fns, dev, rounds, calls)
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 SYN_SIZES = (40, 20, 20)  # train / val / test
 
@@ -72,5 +73,9 @@ def synthetic_data(tmp_path_factory):
     for split, d in raw.items():
         torch.save({**d, "params": {"angle": torch.zeros(len(d["labels"]))}}, out / f"{split}.pt")
         files[f"{split}.pt"] = {"sha256": sha256_file(out / f"{split}.pt")}
-    (out / "manifest.json").write_text(json.dumps({"files": files}))
+    from src.runinfo import compose_config
+
+    cfg = compose_config(["data=r"])  # the stage's manifest records the generation config the data came from
+    (out / "manifest.json").write_text(json.dumps({"files": files, "align_corners": bool(cfg.stn.align_corners),
+                                                   "config": OmegaConf.to_container(cfg.data, resolve=True)}))
     return {"raw_file": root / "raw" / "mnist.pt", "data_dir": root / "distorted"}

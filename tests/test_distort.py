@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from src.data import distort as stage
-from src.data.warps import DISTORTIONS
 from src.runinfo import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 CANVAS = {"r": 28, "rts": 42, "p": 28, "e": 28, "tc": 60}
+DISTORTIONS = tuple(sorted(p.stem for p in (REPO / "conf/data").glob("*.yaml")))
 
 
 def args(name: str, raw: Path, tmp: Path) -> list[str]:

@@ -13,12 +13,13 @@ from scipy import stats
 from torch import nn
 
 from src.data.distort import generate_split, quantize, split_seed
-from src.data.warps import DISTORTIONS, distort_batch
+from src.data.warps import WARPS, distort_batch
 from src.stn.grids import AffineGrid, base_grid
 from src.stn.transformer import SpatialTransformer
 from tests.conftest import synthetic_digits
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+DISTORTIONS = tuple(sorted(p.stem for p in (CONF / "data").glob("*.yaml")))
 CANVAS = {"r": 28, "rts": 42, "p": 28, "e": 28, "tc": 60}
 
 
@@ -41,7 +42,7 @@ def sha(t: torch.Tensor) -> str:
 def test_configs_have_the_required_keys():
     for name in DISTORTIONS:
         c = OmegaConf.load(CONF / "data" / f"{name}.yaml")
-        assert c.name == name and c.canvas == CANVAS[name] and isinstance(c.gen_seed, int)
+        assert c.name == name and c.canvas == CANVAS[name] and isinstance(c.gen_seed, int) and c.warp in WARPS
         assert c.st_downsample == (2 if name in ("rts", "tc") else 1)
 
 
@@ -102,10 +103,23 @@ def test_rts_angles_scales_and_placement():
     y, p = run(x, data_cfg("rts"))
     _uniform_ok(p["angle"], -45, 45)
     _uniform_ok(p["scale"], 0.7, 1.2)
-    assert p["tx"].std() > 3 and p["ty"].std() > 3  # positions spread over the canvas
+    # the stnbhwd demo's placement: the scaled 28×28 square lies uniformly inside the 42×42 canvas
+    room = (42 - 28 * p["scale"]) / 2
+    for t in (p["tx"], p["ty"]):
+        _uniform_ok(t / room, -1, 1)
     # every digit lies fully inside: its ink mass is the source's times scale² (a crop would lose mass)
     ratio = y.sum((1, 2, 3)) / (x.sum((1, 2, 3)) * p["scale"] ** 2)
     assert 0.97 < ratio.min() and ratio.max() < 1.03
+
+
+def test_rts_square_centre_lands_where_recorded():
+    x = torch.zeros(64, 1, 28, 28, dtype=torch.float64)
+    x[:, :, 13:15, 13:15] = 1.0  # a dot at the square's centre
+    y, p = run(x, data_cfg("rts", angle=[0.0, 0.0], scale=[1.0, 1.0]))  # a pure shift keeps the centroid
+    ys, xs = torch.meshgrid(torch.arange(42.0, dtype=torch.float64), torch.arange(42.0, dtype=torch.float64), indexing="ij")
+    m = y[:, 0].sum((1, 2))
+    cx, cy = (y[:, 0] * xs).sum((1, 2)) / m - 20.5, (y[:, 0] * ys).sum((1, 2)) / m - 20.5
+    assert (cx - p["tx"]).abs().max() < 1e-6 and (cy - p["ty"]).abs().max() < 1e-6
 
 
 def test_p_corner_moves_and_scale():
@@ -118,9 +132,9 @@ def test_p_corner_moves_and_scale():
 
 def test_p_shows_nothing_beyond_the_horizon():
     x = digits(1).expand(500, -1, -1, -1)
-    y, p = run(x, data_cfg("p", corner_sigma_px=12.0))
+    y, p = run(x, data_cfg("p", corner_sigma_px=12.0, min_ink_inside=0.0))
     g = base_grid(28, 28, False, dtype=torch.float64)
-    w = p["theta"][:, 6, None, None] * g[..., 0] + p["theta"][:, 7, None, None] * g[..., 1] + 1
+    w = p["theta"][:, 6, None, None] * g[..., 0] + p["theta"][:, 7, None, None] * g[..., 1] + p["theta"][:, 8, None, None]
     behind = w <= 0
     assert behind.any() and torch.all(y[:, 0][behind] == 0)
 
@@ -149,7 +163,7 @@ def test_tc_positions():
     ("r", {"angle": [0.0, 0.0]}),
     ("p", {"scale": [1.0, 1.0], "corner_sigma_px": 0.0}),
     ("e", {"sigma_px": 0.0}),
-    ("rts", {"angle": [0.0, 0.0], "scale": [1.0, 1.0], "placement": "centre", "canvas": 28}),
+    ("rts", {"angle": [0.0, 0.0], "scale": [1.0, 1.0], "placement": "square", "canvas": 28}),
 ])
 @pytest.mark.parametrize("ac", [False, True])
 def test_zero_distortion_is_the_identity(name, over, ac):
@@ -230,10 +244,33 @@ def test_distort_batch_takes_its_randomness_from_the_generator():
 def test_distort_batch_on_cuda():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    x = digits(64).float().cuda()
+    x = digits(64)
+    pool = synthetic_digits(10, 3)
     for name in DISTORTIONS:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        pool = synthetic_digits(10, 3).cuda()
-        y, p = distort_batch(x, data_cfg(name), g, align_corners=False, clutter_pool=pool)
+        cfg = data_cfg(name)
+        y, p = distort_batch(x.float().cuda(), cfg, torch.Generator().manual_seed(0), clutter_pool=pool.cuda())
         assert y.is_cuda and y.dtype == torch.float32 and y.shape[-1] == CANVAS[name] and 0 <= y.min() <= y.max() <= 1
-        assert all(v.is_cuda for v in p.values())
+        ref, p_cpu = distort_batch(x, cfg, torch.Generator().manual_seed(0), clutter_pool=pool)
+        assert p.keys() == p_cpu.keys() and all(torch.equal(p[k], p_cpu[k]) for k in p)  # one stream on every device
+        assert (quantize(y.double().cpu()) != quantize(ref)).float().mean() < 1e-3  # float32 vs float64 warp
+
+
+@pytest.mark.parametrize("name", DISTORTIONS)
+def test_parameters_do_not_depend_on_the_image_dtype(name):
+    x, pool = digits(64), synthetic_digits(10, 3)
+    params = [run(x.to(dt), data_cfg(name), seed=3, pool=pool)[1] for dt in (torch.float64, torch.float32, torch.bfloat16)]
+    for p in params[1:]:
+        assert p.keys() == params[0].keys() and all(torch.equal(p[k], params[0][k]) for k in p)
+        assert all(v.dtype == torch.float64 and v.device.type == "cpu" for v in p.values())
+
+
+def test_parameters_come_from_a_cpu_generator():
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="CPU generator"):
+        distort_batch(digits(4), data_cfg("r"), SimpleNamespace(device=torch.device("cuda")))
+
+
+def test_unknown_warp_is_refused():
+    with pytest.raises(ValueError, match="data.warp must be one of"):
+        run(digits(4), data_cfg("r", warp="swirl"))

@@ -6,9 +6,12 @@ resumed run replay exactly the batches an uninterrupted run would have seen.
 
 ``loader.mode``:
 - ``fixed``: the distorted training set written by the ``distort`` stage;
-- ``fresh``: every batch draws new distortions (seeded by seed and step) of the 50k training
-  digits with the same generator the stage uses, so training sees ~150k × 256 distinct samples.
-Validation and test always use the stage's fixed sets.
+- ``fresh``: every batch draws new distortions of the 50k training digits with the stage's own
+  recipe (``distort_batch``), so training sees ~150k × 256 distinct samples. Every random
+  parameter comes from a CPU generator keyed by (seed, step), in float64, and only the warp runs
+  on the accelerator: a CPU and a GPU run of one cell see the same distortions.
+Validation and test always use the stage's fixed sets. The stored sets must have been generated
+under the run's ``data`` config and ``stn.align_corners`` (checked against their manifest).
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from src.data.warps import distort_batch
 from src.data import distort
+from src.data.warps import distort_batch, warp_of
 from src.data.mnist import load_raw
 from src.runinfo import UserError
 
@@ -63,6 +66,11 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
     return images.mul(255.0).round_().div_(255.0)
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The seed of fresh batch ``step`` of a run seeded ``seed``."""
+    return int(seed) * 1_000_003 + 7919 * int(step) + 1
+
+
 class DistortedMNIST(pl.LightningDataModule):
     def __init__(self, data_cfg, loader_cfg, paths_cfg, align_corners: bool, seed: int):
         super().__init__()
@@ -83,6 +91,7 @@ class DistortedMNIST(pl.LightningDataModule):
         return distort.load_split(self.split_dir, split)
 
     def setup(self, stage: str | None = None) -> None:
+        distort.check_generation_config(self.split_dir, self.data_cfg, self.align_corners)
         dev = self._device()
         for split in ("val", "test"):
             d = self.load_split(split)
@@ -92,13 +101,14 @@ class DistortedMNIST(pl.LightningDataModule):
                 d = self.load_split("train")
             else:
                 d = load_raw(Path(self.paths_cfg.raw_file))["train"]
+            self.train_images_cpu = d["images"]  # acceptance tests of fresh draws (P) read the digits on the CPU
             self.train_images, self.train_labels = d["images"].to(dev), d["labels"].to(dev)
 
     # ------------------------------------------------------------------ batches
     def _perm(self, epoch: int) -> torch.Tensor:
         if self._epoch_perm is None or self._epoch_perm[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            perm = torch.randperm(len(self.train_labels), generator=g).to(self.train_labels.device)
+            perm = torch.randperm(len(self.train_labels), generator=g)  # stays on the CPU
             self._epoch_perm = (epoch, perm)
         return self._epoch_perm[1]
 
@@ -106,12 +116,14 @@ class DistortedMNIST(pl.LightningDataModule):
         bs = self.loader_cfg.batch_size
         per_epoch = len(self.train_labels) // bs
         epoch, k = divmod(step, per_epoch)
-        idx = self._perm(epoch)[k * bs:(k + 1) * bs]
+        idx_cpu = self._perm(epoch)[k * bs:(k + 1) * bs]
+        idx = idx_cpu.to(self.train_labels.device)
         x, y = to_float(self.train_images[idx]), self.train_labels[idx]
         if self.loader_cfg.mode == "fresh":
-            g = torch.Generator(device=x.device).manual_seed(self.seed * 1_000_003 + 7919 * step + 1)
-            pool = self.train_images if self.data_cfg.name == "tc" else None
-            x, _ = distort_batch(x, self.data_cfg, g, align_corners=self.align_corners, clutter_pool=pool)
+            g = torch.Generator().manual_seed(step_seed(self.seed, step))  # CPU: the same stream on every device
+            pool = self.train_images if warp_of(self.data_cfg).needs_pool else None
+            x, _ = distort_batch(x, self.data_cfg, g, align_corners=self.align_corners, clutter_pool=pool,
+                                 x_cpu=self.train_images_cpu[idx_cpu], clamp=False)  # quantize absorbs the clamp
             x = quantize(x)
         return x, y
 

@@ -37,7 +37,7 @@ import torch
 from omegaconf import OmegaConf
 
 from src.data.mnist import SPLITS, load_raw, sidecar
-from src.data.warps import DISTORTIONS, distort_batch
+from src.data.warps import distort_batch, warp_of
 from src.runinfo import UserError, load_checked, stage_main, write_atomic
 
 CHUNK = 1000  # images per distort_batch call: part of the recipe (the random stream is drawn per chunk)
@@ -79,7 +79,7 @@ def generate_split(images_u8: torch.Tensor, data_cfg, seed: int, align_corners: 
 
 
 def _clutter_pool(raw: dict, split: str, data_cfg) -> torch.Tensor | None:
-    if data_cfg.name != "tc":
+    if not warp_of(data_cfg).needs_pool:
         return None
     source = str(data_cfg.get("patch_source", "same_split"))
     if source == "same_split":
@@ -120,8 +120,10 @@ def atomic_dir(out_dir: Path):
 def distort(cfg) -> Path:
     """Generate and write the dataset of ``cfg.data``; returns its directory."""
     d = cfg.data
-    if d.name not in DISTORTIONS:
-        raise UserError(f"data.name must be one of {', '.join(DISTORTIONS)}, got {d.name!r}")
+    try:
+        warp_of(d)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     raw_path = Path(cfg.paths.raw_file)
     raw = load_raw(raw_path)
     ac = bool(cfg.stn.align_corners)
@@ -158,6 +160,39 @@ def load_split(split_dir: Path, split: str) -> dict:
     except (OSError, ValueError, KeyError):
         raise UserError(f"{split_dir / 'manifest.json'} is missing or unreadable; run `{hint}`") from None
     return load_checked(split_dir / f"{split}.pt", hint=hint, expected_sha256=expected)
+
+
+def _first_difference(stored, wanted, prefix: str = "data"):
+    """(key, stored value, wanted value) of the first key where two configs differ, else None."""
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        for k in list(wanted) + [k for k in stored if k not in wanted]:
+            diff = _first_difference(stored.get(k, MISSING), wanted.get(k, MISSING), f"{prefix}.{k}")
+            if diff is not None:
+                return diff
+        return None
+    return None if stored == wanted else (prefix, stored, wanted)
+
+
+MISSING = "<missing>"
+
+
+def check_generation_config(split_dir: Path, data_cfg, align_corners: bool) -> None:
+    """Refuse data generated under another config than the run's (fresh draws and stored sets must
+    come from one recipe): a one-line UserError naming the first differing key and both values."""
+    split_dir = Path(split_dir)
+    hint = f"dvc repro distort@{data_cfg.name}"
+    try:
+        manifest = json.loads((split_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{split_dir / 'manifest.json'} is missing or unreadable; run `{hint}`") from None
+    stored = {"data": manifest.get("config", MISSING), "stn.align_corners": manifest.get("align_corners", MISSING)}
+    wanted = {"data": OmegaConf.to_container(data_cfg, resolve=True), "stn.align_corners": bool(align_corners)}
+    for key in stored:
+        diff = _first_difference(stored[key], wanted[key], key)
+        if diff is not None:
+            k, theirs, ours = diff
+            raise UserError(f"{split_dir} was generated with {k}={json.dumps(theirs)}, this run has "
+                            f"{k}={json.dumps(ours)}; run `{hint}` (or drop the override)")
 
 
 def write_preview(path: Path, images: torch.Tensor, labels: torch.Tensor, name: str) -> None:
