@@ -301,3 +301,18 @@ def test_lattice_sampling_matches_whether_lines_stay_straight(transform):
     straight = bend < 1e-12
     assert straight == (gen.lattice_sub == 1)
     assert gen.lattice_lines >= 2
+
+
+@pytest.mark.parametrize("ac", ACS)
+def test_affine_grid_matches_torch_affine_grid(ac):
+    """The GEMM form of the affine grid is F.affine_grid: exactly at the identity, to float precision elsewhere."""
+    torch.manual_seed(0)
+    h, w = 6, 9
+    theta = identity_theta("aff", 4) + 0.3 * torch.randn(4, 6, dtype=torch.float64)
+    ref = F.affine_grid(theta.view(-1, 2, 3), [4, 1, h, w], align_corners=ac)
+    gen = AffineGrid((h, w), ac)
+    assert (gen.double()(theta) - ref).abs().max() <= 1e-12
+    assert (gen.float()(theta.float()) - ref).abs().max() <= 1e-6
+    for dtype in (torch.float64, torch.float32):  # the float64 base grid, rounded once
+        expected = base_grid(h, w, ac, dtype=torch.float64).to(dtype).expand(2, h, w, 2)
+        assert torch.equal(AffineGrid((h, w), ac)(identity_theta("aff", 2, dtype)), expected)

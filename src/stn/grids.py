@@ -138,19 +138,40 @@ class _MatrixStats:
         return out
 
 
+def affine_weights(g: torch.Tensor) -> torch.Tensor:
+    """(6, HW·2) matrix W with θ @ W = the affine grid of θ = [a11 a12 tx a21 a22 ty] on points g (HW, 2).
+
+    Row 3c + k holds (x, y, 1)[k] in the slots of output coordinate c, so the grid is one GEMM
+    whose result is already in grid_sample's interleaved (x, y) layout.
+    """
+    hom = torch.cat([g, g.new_ones(g.shape[0], 1)], 1).t()  # (3, HW)
+    w = g.new_zeros(2, 3, g.shape[0], 2)
+    w[0, :, :, 0] = hom
+    w[1, :, :, 1] = hom
+    return w.reshape(6, -1)
+
+
 @register_transform("aff")
 class AffineGrid(_MatrixStats, GridGenerator):
-    """6 parameters, row-major 2×3 matrix [a11 a12 tx; a21 a22 ty]."""
+    """6 parameters, row-major 2×3 matrix [a11 a12 tx; a21 a22 ty].
+
+    The grid is θ @ W, one GEMM on a precomputed (6, HW·2) matrix: on CPU this is several times
+    faster than ``F.affine_grid`` forward + backward, and the identity still gives the base grid exactly.
+    """
 
     n_params = 6
+
+    def __init__(self, out_hw, align_corners: bool):
+        super().__init__(out_hw, align_corners)
+        g = base_grid(*self.out_hw, align_corners=self.align_corners, dtype=torch.float64).reshape(-1, 2)
+        self.register_buffer("weights", affine_weights(g), persistent=False)
 
     def identity(self) -> torch.Tensor:
         return torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         self._check(theta)
-        b = theta.shape[0]
-        return F.affine_grid(theta.reshape(b, 2, 3), [b, 1, *self.out_hw], align_corners=self.align_corners)
+        return torch.mm(theta, self.weights.to(theta.dtype)).view(theta.shape[0], *self.out_hw, 2)
 
     def describe(self, theta: torch.Tensor) -> str:
         return f"rot {float(rotation_deg(theta.reshape(1, -1))[0]):+.0f}°"
