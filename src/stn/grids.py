@@ -11,7 +11,11 @@ Every generator derives its grid from one canonical base grid (``base_grid``), b
 
 Precomputed constants (base grid, TPS weights) are kept in float64 and cast to θ's dtype in
 ``forward``: a float64 forward (gradcheck, oracle tests) is then exact to float64 precision instead
-of inheriting float32 round-off, and float32 grids agree with ``F.affine_grid`` to one ulp.
+of inheriting float32 round-off, and float32 grids agree with ``F.affine_grid`` to float32 rounding
+(exactly at the identity).
+
+Every grid is one GEMM of θ with a precomputed matrix (plus, for the projective map, one clamped
+divide): on CPU that is faster than ``F.affine_grid`` and than kornia's ``warp_perspective`` grid.
 
 To add a transform: subclass ``GridGenerator``, set ``n_params``, implement ``identity()`` and
 ``forward(theta) -> (B, H, W, 2)``, declare its ``stn`` config keys in ``config_keys`` (and return
