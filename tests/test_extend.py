@@ -122,5 +122,8 @@ def test_unregistered_names_are_refused():
         build_net(OmegaConf.create({**MODEL, "family": "fcn", "widths": [8, 8]}), (28, 28), None, stn_cfg(), 1)
     with pytest.raises(ValueError, match="unknown classifier family 'mlp_tanh'"):
         build_net(OmegaConf.create({**MODEL, "transform": None}), (28, 28), None, stn_cfg(), 1)
+    with pytest.raises(ValueError, match="unknown localisation net 'rnn'"):
+        build_net(OmegaConf.create({**MODEL, "family": "fcn", "widths": [8, 8], "transform": "aff", "loc": "rnn"}),
+                  (28, 28), None, stn_cfg(), 1)
     with pytest.raises(ValueError, match="already registered"):
         register_transform("aff")(TranslationGrid)
