@@ -217,8 +217,13 @@ class ProjectiveGrid(_MatrixStats, GridGenerator):
         b = theta.shape[0]
         hom = torch.cat([theta, theta.new_ones(b, 1)], 1).view(b, 3, 3)
         u, v, w = (hom @ self.base.to(theta.dtype)).unbind(1)  # one GEMM, three (B, HW) rows
-        # sign-preserving clamp |w| ≥ eps; copysign keeps θ's dtype and sends w = 0 to +eps
-        r = torch.copysign(w.abs().clamp_min(self.eps), w).reciprocal()
+        # sign-preserving clamp |w| ≥ eps, its mask and fill built outside autograd (the clamped
+        # points get no gradient either way; copysign's backward alone cost a fifth of the grid);
+        # full_like keeps θ's dtype, and w = 0 goes to +eps
+        with torch.no_grad():
+            small = w.abs() < self.eps
+            fill = torch.copysign(torch.full_like(w, self.eps), w)
+        r = torch.where(small, fill, w).reciprocal()
         return torch.stack((u * r, v * r), -1).view(b, *self.out_hw, 2)
 
     @torch.no_grad()
