@@ -145,24 +145,23 @@ def test_projective_matches_kornia(ac):
     assert (sample(x, ours[None], ac) - kornia_img).abs().max() <= 1e-10
 
 
-def _vanishing_theta(gen: ProjectiveGrid) -> torch.Tensor:
+def _vanishing_theta(h: int, w: int) -> torch.Tensor:
     """A homography whose w = 1 + h31·x vanishes on the grid column x = x0 (and nowhere else on the grid)."""
-    x0 = gen.base[3, 0].item()  # a column of the base grid
+    x0 = pixel_centres(h, w, False)[0, 3, 0].item()  # the fourth column's x
     return torch.tensor([[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1.0 / x0, 0.0]], dtype=torch.float64)
 
 
 def test_projective_clamp_keeps_grid_and_gradients_finite():
     h, w = 6, 9
     gen = ProjectiveGrid((h, w), False, eps=1e-3).double()
-    gen(identity_theta("proj"))
-    assert gen.last_clamped.item() == 0.0
+    assert gen.clamped_fraction(identity_theta("proj")).item() == 0.0
 
-    theta = _vanishing_theta(gen).requires_grad_()
+    theta = _vanishing_theta(h, w).requires_grad_()
     grid = gen(theta)
-    wz = 1 + theta[0, 6].item() * gen.base[:, 0]
+    wz = 1 + theta[0, 6].item() * pixel_centres(h, w, False)[..., 0]
     expected = (wz.abs() < gen.eps).double().mean().item()
     assert expected > 0  # the construction really hits the guard
-    assert gen.last_clamped.item() == pytest.approx(expected)
+    assert gen.clamped_fraction(theta).item() == pytest.approx(expected)
     assert torch.isfinite(grid).all()
     assert grid.abs().max() > 10  # clamped points land far outside: |w| was replaced by eps, not by 1
     x = torch.rand(1, 1, h, w, dtype=torch.float64, requires_grad=True)
@@ -182,7 +181,7 @@ def test_projective_clamp_preserves_the_sign_of_w():
     assert ((w > -eps) & (w < 0)).any() and ((w > 0) & (w < eps)).any()  # both sides of the guard are hit
     w_safe = torch.where(w.abs() < eps, eps * torch.sign(w), w)
     torch.testing.assert_close(grid, uvw[:, :2] / w_safe[:, None], rtol=1e-12, atol=1e-12)
-    assert gen.last_clamped.item() == pytest.approx((w.abs() < eps).double().mean().item())
+    assert gen.clamped_fraction(theta).item() == pytest.approx((w.abs() < eps).double().mean().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -206,9 +205,22 @@ def test_grid_gradcheck(transform, ac):
     assert torch.autograd.gradcheck(gen, (theta.requires_grad_(),))
 
 
+STN_OPTIONS = {"proj_eps": 0.02, "tps_grid": 3, "tps_span": 0.9, "padding_mode": "zeros"}
+
+
+@pytest.mark.parametrize("transform, expected", [("aff", {}), ("proj", {"eps": 0.02}),
+                                                 ("tps", {"n_side": 3, "span": 0.9})])
+def test_each_transform_reads_its_own_config_keys(transform, expected):
+    """from_config takes exactly the keys the class declares; the others (and missing ones) are ignored."""
+    assert make_grid_generator(transform, (4, 4), False, STN_OPTIONS).options() == expected
+    defaults = make_grid_generator(transform, (4, 4), False).options()
+    assert make_grid_generator(transform, (4, 4), False, {"align_corners": True}).options() == defaults
+    assert defaults.keys() == expected.keys()
+
+
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_remake_keeps_transform_and_options(transform):
-    gen = make_grid_generator(transform, (6, 9), False, proj_eps=0.02, tps_grid=3, tps_span=0.9).double()
+    gen = make_grid_generator(transform, (6, 9), False, STN_OPTIONS).double()
     other = gen.remake((6, 9), False).double()
     assert type(other) is type(gen) and other.options() == gen.options() and other.n_params == gen.n_params
     torch.manual_seed(0)
@@ -225,3 +237,82 @@ def test_bad_arguments_raise():
         AffineGrid((4, 4), False)(torch.zeros(1, 8))
     with pytest.raises(ValueError, match=r"\(B, 32\)"):
         TPSGrid((4, 4), False)(torch.zeros(2, 16))
+
+
+MATRIX_STATS = {"det", "scale", "angle_abs_deg", "shift"}
+STAT_KEYS = {"aff": {"theta_dev", "outside", *MATRIX_STATS}, "proj": {"theta_dev", "outside", *MATRIX_STATS, "clamped"},
+             "tps": {"theta_dev", "outside", "offset_mean", "offset_max"}}
+NEUTRAL = {"det": 1.0, "scale": 1.0}  # every other statistic is 0 at the identity
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_stats_are_neutral_at_the_identity(transform):
+    gen = make_grid_generator(transform, (6, 9), False).double()
+    stats = gen.stats(identity_theta(transform, 3))
+    assert set(stats) == STAT_KEYS[transform]
+    for k, v in stats.items():
+        assert v.dim() == 0 and v.item() == pytest.approx(NEUTRAL.get(k, 0.0), abs=1e-12), k
+
+
+@pytest.mark.parametrize("transform", ["aff", "proj"])
+def test_matrix_stats_and_caption_of_a_known_map(transform):
+    """Scaled by 0.8, rotated by 30°, shifted by (0.1, -0.2): the statistics read those back."""
+    a = torch.cat([0.8 * rotation(30.0), torch.tensor([[0.1], [-0.2]], dtype=torch.float64)], 1)
+    theta = theta_for_affine(transform, a).repeat(2, 1)
+    stats = make_grid_generator(transform, (6, 9), False).double().stats(theta)
+    pts = pixel_centres(6, 9, False) @ a[:, :2].T + a[:, 2]
+    expected = {"det": 0.64, "scale": 0.8, "angle_abs_deg": 30.0, "shift": (0.1**2 + 0.2**2) ** 0.5,
+                "theta_dev": (theta - identity_theta(transform, 2)).abs().mean().item(),
+                "outside": (pts.abs() > 1).any(-1).double().mean().item()}
+    assert expected["outside"] > 0  # the shift moves part of the frame out of the image
+    for k, v in expected.items():
+        assert stats[k].item() == pytest.approx(v, abs=1e-9), k
+    caption = make_grid_generator(transform, (6, 9), False).describe(theta[0])
+    assert caption == ("rot +30°" if transform == "aff" else "")
+
+
+def test_projective_stats_report_the_clamped_fraction():
+    h, w = 6, 9
+    gen = ProjectiveGrid((h, w), False).double()
+    theta = _vanishing_theta(h, w)
+    assert gen.stats(theta)["clamped"].item() == pytest.approx(gen.clamped_fraction(theta).item())
+    assert gen.stats(theta)["clamped"].item() > 0
+
+
+def test_tps_stats_are_offset_lengths():
+    torch.manual_seed(0)
+    theta = 0.1 * torch.randn(3, 32, dtype=torch.float64)
+    stats = TPSGrid((6, 9), False).double().stats(theta)
+    lengths = torch.tensor([[(theta[b, 2 * i] ** 2 + theta[b, 2 * i + 1] ** 2).sqrt() for i in range(16)]
+                            for b in range(3)], dtype=torch.float64)
+    assert stats["offset_mean"].item() == pytest.approx(lengths.mean().item())
+    assert stats["offset_max"].item() == pytest.approx(lengths.max().item())
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_lattice_sampling_matches_whether_lines_stay_straight(transform):
+    """lattice_sub = 1 (draw only the lattice nodes) is right exactly for maps that keep lines straight."""
+    torch.manual_seed(0)
+    gen = make_grid_generator(transform, (6, 9), False).double()
+    theta = identity_theta(transform) + 0.1 * torch.randn(1, gen.n_params, dtype=torch.float64)
+    row = gen.remake((9, 9), True)(theta)[0, 4]  # the middle lattice line, 9 points along it
+    d = row - row[0]
+    bend = (d[:, 0] * d[-1, 1] - d[:, 1] * d[-1, 0]).abs().max().item()  # distance from the chord × its length
+    straight = bend < 1e-12
+    assert straight == (gen.lattice_sub == 1)
+    assert gen.lattice_lines >= 2
+
+
+@pytest.mark.parametrize("ac", ACS)
+def test_affine_grid_matches_torch_affine_grid(ac):
+    """The GEMM form of the affine grid is F.affine_grid: exactly at the identity, to float precision elsewhere."""
+    torch.manual_seed(0)
+    h, w = 6, 9
+    theta = identity_theta("aff", 4) + 0.3 * torch.randn(4, 6, dtype=torch.float64)
+    ref = F.affine_grid(theta.view(-1, 2, 3), [4, 1, h, w], align_corners=ac)
+    gen = AffineGrid((h, w), ac)
+    assert (gen.double()(theta) - ref).abs().max() <= 1e-12
+    assert (gen.float()(theta.float()) - ref).abs().max() <= 1e-6
+    for dtype in (torch.float64, torch.float32):  # the float64 base grid, rounded once
+        expected = base_grid(h, w, ac, dtype=torch.float64).to(dtype).expand(2, h, w, 2)
+        assert torch.equal(AffineGrid((h, w), ac)(identity_theta("aff", 2, dtype)), expected)

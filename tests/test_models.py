@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from src.models.nets import build_net, classifier_params, cnn, cnn_feature_size, count_params, fcn
+from src.models.nets import FAMILIES, build_net, classifier_params, cnn, cnn_feature_size, count_params, fcn
 from stn_helpers import one_thread  # noqa: F401  (autouse fixture: single-threaded torch)
 from stn_helpers import ALL_MODELS, SIZES, ST_MODELS, budget, build, config, model_config
 
@@ -60,8 +60,10 @@ def test_closed_form_counts_match_the_paper_table(family, hw, widths, ceil_mode,
     ("cnn", (30, 30), [8, 8], False), ("cnn", (30, 30), [8, 8], True), ("cnn", (28, 42), [4, 6], True),
 ])
 def test_closed_form_counts_match_the_modules(family, hw, widths, ceil_mode):
-    net = fcn(hw, widths) if family == "fcn" else cnn(hw, widths, ceil_mode)
+    net = FAMILIES[family].build(hw, widths, ceil_mode)
     assert classifier_params(family, hw, widths, ceil_mode) == count_params(net)
+    reference = fcn(hw, widths) if family == "fcn" else cnn(hw, widths, ceil_mode)  # the registry builds these
+    assert repr(net) == repr(reference)
     assert net(torch.zeros(2, 1, *hw)).shape == (2, 10)
 
 

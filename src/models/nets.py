@@ -12,6 +12,9 @@ distortion's budget, by scaling the configured base widths by one common factor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -111,25 +114,53 @@ class Net(nn.Module):
         return {"total": count_params(self), "classifier": count_params(self.classifier), "st": st}
 
 
-CLASSIFIERS = {"fcn": fcn, "cnn": cnn}
+def fcn_params(in_hw: tuple[int, int], widths: list[int], ceil_mode: bool = True) -> int:
+    """Closed-form parameter count of ``fcn`` (``ceil_mode`` is ignored: no pooling)."""
+    dims = [in_hw[0] * in_hw[1], *widths, N_CLASSES]
+    return sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))
 
 
-def _classifier(family: str, in_hw, widths: list[int], ceil_mode: bool) -> nn.Module:
-    if family not in CLASSIFIERS:
-        raise ValueError(f"unknown classifier family {family!r}; choose one of {sorted(CLASSIFIERS)}")
-    return fcn(in_hw, widths) if family == "fcn" else cnn(in_hw, widths, ceil_mode)
+def cnn_params(in_hw: tuple[int, int], widths: list[int], ceil_mode: bool = True) -> int:
+    """Closed-form parameter count of ``cnn``."""
+    c1, c2 = widths
+    h, w = cnn_feature_size(in_hw, ceil_mode)
+    return (81 * c1 + c1) + (49 * c1 * c2 + c2) + (c2 * h * w * N_CLASSES + N_CLASSES)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A classifier family (``model.family``): its builder and its closed-form parameter count.
+
+    Both take ``(in_hw, widths, ceil_mode)``. The count is what ``fit_widths`` bisects on, so the
+    budget rule never builds a network to size it; ``tests/test_models.py`` checks it against the module.
+    """
+
+    build: Callable[[tuple[int, int], list[int], bool], nn.Module]
+    count: Callable[[tuple[int, int], list[int], bool], int]
+
+
+FAMILIES: dict[str, Family] = {
+    "fcn": Family(lambda in_hw, widths, ceil_mode: fcn(in_hw, widths), fcn_params),
+    "cnn": Family(cnn, cnn_params),
+}
+
+# ``model.loc`` → builder (in_hw, model_cfg, stn_cfg) → (localisation net, its output size)
+LOC_NETS: dict[str, Callable[..., tuple[nn.Module, int]]] = {
+    "fcn": lambda in_hw, model_cfg, stn_cfg: fcn_loc(in_hw, list(model_cfg.loc_widths)),
+    "cnn": lambda in_hw, model_cfg, stn_cfg: cnn_loc(in_hw, model_cfg.loc_filters, model_cfg.loc_fc,
+                                                     stn_cfg.loc_downsample),
+}
+
+
+def _lookup(registry: dict, key: str, what: str):
+    if key not in registry:
+        raise ValueError(f"unknown {what} {key!r}; choose one of {sorted(registry)}")
+    return registry[key]
 
 
 def classifier_params(family: str, in_hw, widths: list[int], ceil_mode: bool = True) -> int:
     """Parameter count of a classifier, in closed form (``tests`` check it against the module)."""
-    if family == "fcn":
-        dims = [in_hw[0] * in_hw[1], *widths, N_CLASSES]
-        return sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))
-    if family == "cnn":
-        c1, c2 = widths
-        h, w = cnn_feature_size(in_hw, ceil_mode)
-        return (81 * c1 + c1) + (49 * c1 * c2 + c2) + (c2 * h * w * N_CLASSES + N_CLASSES)
-    raise ValueError(f"unknown classifier family {family!r}; choose one of {sorted(CLASSIFIERS)}")
+    return _lookup(FAMILIES, family, "classifier family").count(in_hw, widths, ceil_mode)
 
 
 def fit_widths(family: str, in_hw, base_widths: list[int], target: int, ceil_mode: bool = True) -> list[int]:
@@ -166,29 +197,25 @@ def fit_widths(family: str, in_hw, base_widths: list[int], target: int, ceil_mod
 def build_net(model_cfg, in_hw: tuple[int, int], budget: int | None, stn_cfg, st_downsample: int = 1) -> Net:
     """Build one network of the study from its model config.
 
-    ``model_cfg``: family (fcn|cnn), widths, ceil_mode, transform (null|aff|proj|tps), loc (fcn|cnn),
-    loc_widths / loc_filters / loc_fc.  ``budget``: total parameter count to match, or None to keep
-    the configured widths.  ``stn_cfg``: shared transformer conventions (align_corners, padding_mode,
-    proj_eps, tps_grid, tps_span, downsample_mode, loc_downsample).
+    ``model_cfg``: family (a key of ``FAMILIES``), widths, ceil_mode, transform (null or a key of
+    ``src.stn.grids.GRIDS``), loc (a key of ``LOC_NETS``) and that net's keys (loc_widths /
+    loc_filters / loc_fc).  ``budget``: total parameter count to match, or None to keep the configured
+    widths.  ``stn_cfg``: the ``stn`` config block (align_corners, padding_mode, downsample_mode,
+    loc_downsample, and each transform's own keys).
     """
     in_hw = (int(in_hw[0]), int(in_hw[1]))
+    family = _lookup(FAMILIES, model_cfg.family, "classifier family")
     st = None
     if model_cfg.get("transform"):
-        if model_cfg.loc == "fcn":
-            loc, loc_dim = fcn_loc(in_hw, list(model_cfg.loc_widths))
-        elif model_cfg.loc == "cnn":
-            loc, loc_dim = cnn_loc(in_hw, model_cfg.loc_filters, model_cfg.loc_fc, stn_cfg.loc_downsample)
-        else:
-            raise ValueError(f"unknown localisation net {model_cfg.loc!r}; choose 'fcn' or 'cnn'")
+        loc, loc_dim = _lookup(LOC_NETS, model_cfg.loc, "localisation net")(in_hw, model_cfg, stn_cfg)
         st = SpatialTransformer(
             loc, loc_dim, model_cfg.transform, in_hw, downsample=st_downsample,
             downsample_mode=stn_cfg.downsample_mode, align_corners=stn_cfg.align_corners,
-            padding_mode=stn_cfg.padding_mode, proj_eps=stn_cfg.proj_eps,
-            tps_grid=stn_cfg.tps_grid, tps_span=stn_cfg.tps_span,
+            padding_mode=stn_cfg.padding_mode, stn_cfg=stn_cfg,
         )
     cls_hw = st.out_hw if st is not None else in_hw
     widths = list(model_cfg.widths)
     ceil_mode = bool(model_cfg.get("ceil_mode", True))
     if budget is not None:
         widths = fit_widths(model_cfg.family, cls_hw, widths, budget - count_params(st), ceil_mode)
-    return Net(_classifier(model_cfg.family, cls_hw, widths, ceil_mode), st)
+    return Net(family.build(cls_hw, widths, ceil_mode), st)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,11 +22,14 @@ class SpatialTransformer(nn.Module):
     ``downsample=2`` produces an output of half the input size (RTS 42→21, TC 60→30):
     ``avgpool2`` samples at full resolution and average-pools (anti-aliased, paper Sect. 3.4),
     ``sample_half`` samples directly on the coarse grid.
+
+    ``stn_cfg`` (the ``stn`` config block) supplies the transform's own options, e.g. ``proj_eps``
+    or ``tps_grid``; each grid generator reads the keys it declares.
     """
 
     def __init__(self, loc: nn.Module, loc_dim: int, transform: str, in_hw: tuple[int, int], *,
                  downsample: int = 1, downsample_mode: str = "avgpool2", align_corners: bool = False,
-                 padding_mode: str = "zeros", proj_eps: float = 1e-3, tps_grid: int = 4, tps_span: float = 1.0):
+                 padding_mode: str = "zeros", stn_cfg: Mapping | None = None):
         super().__init__()
         if downsample not in (1, 2):
             raise ValueError(f"downsample must be 1 or 2, got {downsample}")
@@ -38,7 +43,7 @@ class SpatialTransformer(nn.Module):
         self.transform = transform
         self.align_corners, self.padding_mode = bool(align_corners), padding_mode
         self.loc = loc
-        self.grid: GridGenerator = make_grid_generator(transform, sample_hw, align_corners, proj_eps, tps_grid, tps_span)
+        self.grid: GridGenerator = make_grid_generator(transform, sample_hw, align_corners, stn_cfg)
         self.head = nn.Linear(loc_dim, self.grid.n_params)
         self.reset_identity()
 
