@@ -183,7 +183,7 @@ def bench_transformer(dev, rounds: int, calls: int) -> pd.DataFrame:
 # ------------------------------------------------------------------ 2. cost of the transformer
 
 def build(model: str, data: str):
-    from src.train import build_model
+    from src.models.build import build_model
 
     cfg = compose_config([f"model={model}", f"data={data}"])
     return cfg, build_model(cfg)[0]
@@ -222,7 +222,7 @@ def bench_overhead(dev, rounds: int, calls: int, distortions) -> pd.DataFrame:
 
 def bench_loop(dev, steps: int, rounds: int, extra: list[str], model: str = "st_fcn",
                data: str = "r") -> tuple[pd.DataFrame, dict]:
-    """``src.train``'s own Trainer (make_trainer: checkpointing, CSV logging, curve recorder; validation
+    """``src.train``'s own Trainer (make_trainer: checkpointing, progress log, curve recorder; validation
     off) vs a hand-written loop over the same datamodule batches (fresh distortions)."""
     import tempfile
 
@@ -231,7 +231,8 @@ def bench_loop(dev, steps: int, rounds: int, extra: list[str], model: str = "st_
     from src.callbacks import CurveRecorder
     from src.data.datamodule import DistortedMNIST
     from src.models.module import Classifier
-    from src.train import build_model, make_trainer, quiet_lightning
+    from src.models.build import build_model
+    from src.train import make_trainer, quiet_lightning
 
     run_dir = tempfile.mkdtemp(prefix="bench-loop-")
     cfg = compose_config([*extra, f"model={model}", f"data={data}", "quiet=true", f"paths.run_dir={run_dir}",
@@ -256,7 +257,7 @@ def bench_loop(dev, steps: int, rounds: int, extra: list[str], model: str = "st_
         net.load_state_dict(init)
         module = Classifier(net, OmegaConf.to_container(cfg.optim, resolve=True), steps + 1)
         clock = Clock()
-        make_trainer(cfg, [CurveRecorder(), clock], "bench").fit(module, datamodule=dm)
+        make_trainer(cfg, Path(run_dir) / "checkpoints", [CurveRecorder(), clock], "bench").fit(module, datamodule=dm)
         return clock.per_step
 
     def plain(split: bool = False) -> tuple[float, float, float]:

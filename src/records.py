@@ -111,12 +111,12 @@ def transformer(rec: Record):
 def theta_summary(rec: Record, split: dict) -> dict[str, float]:
     """θ statistics of the whole test set (the transform's own statistics), plus, where the data record
     the rotation angle or the scale, how closely the affine part follows them (Pearson r)."""
-    from src.stn.stats import rotation_deg, theta_stats
+    from src.stn.grids import rotation_deg
 
     st, theta = transformer(rec), rec.theta
-    out = {k: float(v) for k, v in theta_stats(st, theta).items()}
+    out = {k: float(v) for k, v in st.grid.stats(theta).items()}
     params = split.get("params", {})
-    if theta.shape[1] in (6, 8):  # a 2×2 linear part: aff and proj
+    if "det" in out:  # the transform has a 2×2 linear part (aff, proj)
         if "angle" in params:
             out["r(rotation, angle)"] = float(torch.corrcoef(torch.stack([rotation_deg(theta), params["angle"].float()]))[0, 1])
         if "scale" in params and float(params["scale"].std()) > 0:

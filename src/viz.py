@@ -21,7 +21,6 @@ from torch import nn
 
 from src.runinfo import write_atomic
 from src.stn.transformer import SpatialTransformer
-from src.stn.stats import rotation_deg
 
 
 def to_pixels(xy: torch.Tensor, hw: tuple[int, int], align_corners: bool) -> torch.Tensor:
@@ -48,14 +47,14 @@ def frame_corners(lattice: torch.Tensor, in_hw: tuple[int, int], align_corners: 
     return to_pixels(corners, in_hw, align_corners)
 
 
-def _caption(i: int, transform: str, theta, labels, preds) -> str:
+def _caption(i: int, st: SpatialTransformer, theta, labels, preds) -> str:
     parts = []
     if labels is not None:
         parts.append(f"y={int(labels[i])}")
     if preds is not None:
         parts.append(f"ŷ={int(preds[i])}")
-    if transform == "aff":
-        parts.append(f"rot {float(rotation_deg(theta[i:i + 1])[0]):+.0f}°")
+    if text := st.grid.describe(theta[i]):  # the transform's own caption, e.g. the recovered rotation
+        parts.append(text)
     return " ".join(parts) or "T_θ(G)"
 
 
@@ -82,12 +81,12 @@ def draw_warps(st: SpatialTransformer, images: torch.Tensor, theta: torch.Tensor
                lattice: int | None = None, per_row: int = 2, dpi: int = 100) -> Path:
     """The three-panel figure of given θ (e.g. from a cell's record): input, frame T_θ(G) on the input,
     and ``st.warp(input, θ)``. ``lattice``: lines per axis in panel (b); default 2 (the frame) for
-    line-preserving transforms, 7 for tps."""
+    line-preserving transforms, 7 for tps (``GridGenerator.lattice_lines``)."""
     x = images.float()
     theta = theta.float()
     out = st.warp(x, theta)
-    lines = lattice or (7 if st.transform == "tps" else 2)
-    sub = 1 if st.transform in ("aff", "proj") else 4  # aff/proj map lines to lines
+    lines = lattice or st.grid.lattice_lines
+    sub = st.grid.lattice_sub  # 1 where the transform maps lines to lines
     in_hw = tuple(x.shape[-2:])
     pix = to_pixels(frame_lattice(st, theta, lines, sub), in_hw, st.align_corners).cpu()
     x, out = x.cpu(), out.cpu()
@@ -121,7 +120,7 @@ def draw_warps(st: SpatialTransformer, images: torch.Tensor, theta: torch.Tensor
         hi = torch.maximum(hi, p.new_tensor([w, h]) - 0.5)
         ax_frame.set_xlim(float(lo[0]), float(hi[0]))
         ax_frame.set_ylim(float(hi[1]), float(lo[1]))
-        ax_frame.set_title(_caption(i, st.transform, theta, labels, preds), fontsize=8)
+        ax_frame.set_title(_caption(i, st, theta, labels, preds), fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
     path = Path(path)

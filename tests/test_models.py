@@ -42,7 +42,7 @@ def test_every_model_is_within_the_budget(name, hw, ds):
 def test_training_budget_is_the_fcn_128_128_count(data, expected):
     """The budget src.train holds every network to: FCN 128-128 at the canvas (paper.md §2.1 table)."""
     from src.runinfo import compose_config
-    from src.train import build_model
+    from src.models.build import build_model
 
     cfg = compose_config(["model=fcn", f"data={data}"])
     assert cfg.budget.rule == "match" and build_model(cfg)[1] == expected == budget(cfg.data.canvas)
