@@ -4,7 +4,7 @@
 synthetic digit set under every distortion, through the same pieces a cell uses (the stage's
 generator, fresh draws of the datamodule, the network builder, ``Classifier.training_step``, its
 optimiser and schedule), and hashes the final weights and the logits of a fixed distorted batch.
-``tests/fingerprint.json`` holds the committed hashes; ``tests/test_fingerprint.py`` compares.
+``src/fingerprint.json`` holds the committed hashes; ``tests/test_fingerprint.py`` compares.
 
 A change that keeps every hash leaves every result bit-identical, so committed cells may be
 re-locked with ``dvc commit -f`` (say so in the commit message); a change that moves a hash
@@ -25,8 +25,9 @@ from pathlib import Path
 
 PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1",
                 "MKL_NUM_THREADS": "1", "DNNL_MAX_CPU_ISA": "SSE41"}
-FILE = Path(__file__).resolve().parents[1] / "tests" / "fingerprint.json"
-STEPS, BATCH, N_DIGITS, N_EVAL = 200, 16, 64, 32
+FILE = Path(__file__).resolve().with_suffix(".json")  # src/fingerprint.json, a dependency of every train cell
+STEPS, BATCH, N_DIGITS, N_EVAL = 200, 8, 64, 32
+SMALL_CANVAS = 42  # TC's 60×60 canvas shrunk to RTS's: the smallest on which every network of the grid builds
 
 
 def synthetic_digits(n: int, seed: int):
@@ -54,13 +55,14 @@ def cell_hash(model: str, data: str) -> str:
     from src.models.module import Classifier
     from src.runinfo import compose_config
 
-    cfg = compose_config([f"model={model}", f"data={data}", "trainer=smoke", f"trainer.max_steps={STEPS}",
+    small = [f"data.canvas={SMALL_CANVAS}"] if compose_config([f"data={data}"]).data.canvas > SMALL_CANVAS else []
+    cfg = compose_config([f"model={model}", f"data={data}", *small, "trainer=smoke", f"trainer.max_steps={STEPS}",
                           f"trainer.val_check_interval={STEPS}", f"loader.batch_size={BATCH}", "loader.mode=fresh"])
     torch.manual_seed(cfg.seed)
     net, _ = build_model(cfg)
     module = Classifier(net, OmegaConf.to_container(cfg.optim, resolve=True), STEPS)
     dm = DistortedMNIST(cfg.data, cfg.loader, cfg.paths, cfg.stn.align_corners, cfg.seed)
-    dm.train_images = synthetic_digits(N_DIGITS, 1)
+    dm.train_images = dm.train_images_cpu = synthetic_digits(N_DIGITS, 1)
     dm.train_labels = torch.arange(N_DIGITS) % 10
     opt_cfg = module.configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
@@ -80,7 +82,8 @@ def cell_hash(model: str, data: str) -> str:
     return h.hexdigest()[:16]
 
 
-def all_hashes() -> dict[str, str]:
+def all_hashes(only: list[str] | None = None) -> dict[str, str]:
+    """Hashes of every (model, distortion) of conf/, or of the cells named in ``only``."""
     import torch
 
     from src.config import cell_name
@@ -90,14 +93,15 @@ def all_hashes() -> dict[str, str]:
     torch.set_num_threads(1)
     models = sorted(p.stem for p in (REPO / "conf/model").glob("*.yaml"))
     distortions = sorted(p.stem for p in (REPO / "conf/data").glob("*.yaml"))
-    return {cell_name(m, d, 0): cell_hash(m, d) for d in distortions for m in models}
+    cells = {cell_name(m, d, 0): (m, d) for d in distortions for m in models}
+    return {k: cell_hash(*md) for k, md in cells.items() if only is None or k in only}
 
 
-def pinned(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The hashes, computed in a child process pinned to portable kernels (``env`` may override)."""
-    child_env = {**os.environ, **PORTABLE_ENV, **(env or {})}
-    r = subprocess.run([sys.executable, "-m", "src.fingerprint", "--here"], cwd=FILE.parents[1], env=child_env,
-                       capture_output=True, text=True, timeout=1800)
+def pinned(only: list[str] | None = None, parent_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The hashes, computed in a child process pinned to portable kernels, whatever ``parent_env`` says."""
+    child_env = {**os.environ, **(parent_env or {}), **PORTABLE_ENV}
+    cmd = [sys.executable, "-m", "src.fingerprint", "--here", *(["--only", ",".join(only)] if only else [])]
+    r = subprocess.run(cmd, cwd=FILE.parents[1], env=child_env, capture_output=True, text=True, timeout=1800)
     if r.returncode:
         raise RuntimeError(f"fingerprint child failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout)
@@ -107,9 +111,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="result fingerprint of the training code")
     parser.add_argument("--write", action="store_true", help=f"write the hashes to {FILE.name}")
     parser.add_argument("--here", action="store_true", help="compute in this process (no pinning), print JSON")
+    parser.add_argument("--only", help="comma-separated cells (default: all)")
     a = parser.parse_args()
     if a.here:
-        print(json.dumps(all_hashes(), indent=1, sort_keys=True))
+        print(json.dumps(all_hashes(a.only.split(",") if a.only else None), indent=1, sort_keys=True))
         return
     hashes = pinned()
     if a.write:

@@ -88,25 +88,6 @@ def device_name(device: torch.device) -> str:
     return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def train_code() -> list[str]:
-    """The code a trained cell depends on: the ``src/`` deps of dvc.yaml's train stage, written there only."""
-    import yaml
-
-    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["deps"]
-    return [d for d in deps if d.startswith("src/")]
-
-
-def code_fingerprint() -> str:
-    """Hash of the training code: a checkpoint is resumed only by the code that wrote it, while the
-    report, the benchmarks and other tools can change under a running cell."""
-    h = hashlib.sha256()
-    files = (f for dep in train_code() for f in ((REPO / dep).rglob("*.py") if (REPO / dep).is_dir() else [REPO / dep]))
-    for p in sorted(files):
-        h.update(p.relative_to(REPO).as_posix().encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 def versions() -> dict[str, str]:
     import pytorch_lightning as pl
 

@@ -38,9 +38,10 @@ from src.config import cell_name, result_config, validate  # noqa: E402
 from src.data.datamodule import DistortedMNIST  # noqa: E402
 from src.models.build import build_model  # noqa: E402
 from src.models.module import Classifier  # noqa: E402
-from src.runinfo import REPO, UserError, code_fingerprint, compose_config, versions, write_atomic, write_json  # noqa: E402
+from src.runinfo import REPO, UserError, compose_config, versions, write_atomic, write_json  # noqa: E402
 
 CONF_DIR = REPO / "conf"
+FINGERPRINT = REPO / "src" / "fingerprint.json"
 log = logging.getLogger("src.train")
 
 
@@ -63,8 +64,10 @@ def quiet_lightning(quiet: bool) -> None:
 
 
 def run_fingerprint(cfg: DictConfig) -> str:
-    """Result-defining config + training code: checkpoints resume only under the same pair."""
-    return hashlib.sha256((json.dumps(result_config(cfg), sort_keys=True) + code_fingerprint()).encode()).hexdigest()
+    """Result-defining config + the result fingerprint of the training code (src/fingerprint.json):
+    checkpoints resume only under the same pair, so a change that provably keeps results (the same
+    fingerprint) keeps every interrupted run resumable."""
+    return hashlib.sha256((json.dumps(result_config(cfg), sort_keys=True) + FINGERPRINT.read_text()).encode()).hexdigest()
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from src.callbacks import Stopped
 from src.models.module import Classifier
 from src.runinfo import compose_config
 from src.models.build import build_model
-from src.train import CONF_DIR, REPO, train
+from src.train import CONF_DIR, REPO, run_fingerprint, train
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 DATASETS = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
@@ -148,27 +148,18 @@ def test_a_changed_config_neither_resumes_nor_deletes_another_configs_checkpoint
     assert set(before) < set(after) and len(after) == 2 * len(before)
 
 
-def test_resume_fingerprint_covers_exactly_the_training_code(tmp_path, monkeypatch):
-    """The code hashed for resume = the code deps of dvc.yaml's train stage; other code may change
-    under a running cell (a report edit must not throw away its checkpoints)."""
-    import shutil
+def test_resume_needs_the_same_result_config_and_result_fingerprint(tmp_path, monkeypatch):
+    """Where a run writes, how it talks and result-neutral code edits keep a checkpoint resumable; a
+    result-defining key or a new result fingerprint (src/fingerprint.json) does not."""
+    from src import train as train_mod
 
-    import yaml
-
-    from src import runinfo
-
-    train_deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["deps"]
-    assert set(runinfo.train_code()) == {d for d in train_deps if d.startswith("src/")}
-    assert "src/viz.py" not in train_deps and "src/aggregate.py" not in train_deps
-    shutil.copytree(REPO / "src", tmp_path / "src")
-    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
-    monkeypatch.setattr(runinfo, "REPO", tmp_path)
-    before = runinfo.code_fingerprint()
-    (tmp_path / "src/aggregate.py").write_text("# edited\n")
-    assert runinfo.code_fingerprint() == before
-    with open(tmp_path / "src/stn/grids.py", "a") as f:
-        f.write("# edited\n")
-    assert runinfo.code_fingerprint() != before
+    base = run_fingerprint(cfg_for())
+    assert run_fingerprint(cfg_for("quiet=true", "paths.run_dir=elsewhere", "resume=false")) == base
+    assert run_fingerprint(cfg_for("optim.lr=0.02")) != base
+    moved = tmp_path / "fingerprint.json"
+    moved.write_text(train_mod.FINGERPRINT.read_text().replace('"', "'", 1))
+    monkeypatch.setattr(train_mod, "FINGERPRINT", moved)
+    assert run_fingerprint(cfg_for()) != base
 
 
 def stored_test_labels(smoke: list[str]) -> torch.Tensor:
