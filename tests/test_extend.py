@@ -127,3 +127,37 @@ def test_unregistered_names_are_refused():
                   (28, 28), None, stn_cfg(), 1)
     with pytest.raises(ValueError, match="already registered"):
         register_transform("aff")(TranslationGrid)
+
+
+def test_a_toy_distortion_through_the_readme_path():
+    """A 'shift' warp registered in WARPS and chosen by a data config's `warp` key: the stage's generator
+    and the datamodule's fresh draws both use it, with parameters from the CPU generator."""
+    import torch.nn.functional as F
+
+    from src.data.distort import generate_split
+    from src.data.warps import WARPS, Warp, distort_batch
+
+    def draw(x_cpu, cfg, g, align_corners, pool_len=None):
+        return {"dx": torch.randint(-int(cfg.max_shift), int(cfg.max_shift) + 1, (len(x_cpu),), generator=g)}
+
+    def apply(x, params, cfg, align_corners, pool=None):
+        pad = int(cfg.max_shift)
+        wide = F.pad(x, (pad, pad))
+        cols = pad - params["dx"][:, None] + torch.arange(x.shape[-1], device=x.device)  # shifted right by dx
+        return wide.gather(3, cols[:, None, None, :].expand(*x.shape))
+
+    WARPS["shift"] = Warp(draw, apply)
+    try:
+        cfg = OmegaConf.create({"name": "toy", "warp": "shift", "canvas": 28, "st_downsample": 1, "gen_seed": 9,
+                                "max_shift": 3})
+        digits = digit_batch(6, 28)[0].mul(255).round().to(torch.uint8)
+        images, params = generate_split(digits, cfg, 1, False)
+        assert images.shape == digits.shape and set(params) == {"dx"}
+        for i, dx in enumerate(params["dx"].long().tolist()):
+            assert torch.equal(images[i, 0, :, max(dx, 0):28 + min(dx, 0)], digits[i, 0, :, max(-dx, 0):28 - max(dx, 0)])
+        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        a, pa = distort_batch(digits.float() / 255, cfg, g1)
+        b, pb = distort_batch(digits.double() / 255, cfg, g2)
+        assert torch.equal(pa["dx"], pb["dx"]) and torch.allclose(a.double(), b)
+    finally:
+        del WARPS["shift"]

@@ -60,20 +60,44 @@ def test_dvc_repro_end_to_end_and_a_fresh_clone_retrains_nothing(tmp_path):
     mnist = mnist.replace("source: pypi", f"source: idx:{tmp_path / 'idx'}").replace("sizes: [50000, 10000, 10000]", f"sizes: {sizes}")
     (repo / "conf/mnist.yaml").write_text(mnist)
     (repo / "params.yaml").write_text(yaml.safe_dump(
-        {"models": ["fcn", "st_fcn"], "distortions": ["r"], "seeds": [0], "profile": "smoke"}))
+        {"models": ["fcn", "st_fcn"], "distortions": ["r"], "seeds": [0], "profile": "smoke",
+         "short": {"models": ["fcn"], "distortions": ["r"], "seeds": [0]}}))
+    (repo / "conf/trainer/short.yaml").write_text((repo / "conf/trainer/smoke.yaml").read_text())
 
     sh(repo, "git", "init", "-q")
-    assert "train@st_fcn-r-0" in sh(repo, "dvc", "stage", "list", "--name-only").split()
+    assert "train@0-st_fcn-r" in sh(repo, "dvc", "stage", "list", "--name-only").split()
     out = sh(repo, "dvc", "repro")
-    assert "Running stage 'train@st_fcn-r-0'" in out
+    assert "Running stage 'train@0-st_fcn-r'" in out and "Running stage 'short@0-fcn-r'" in out
     results = (repo / "reports/results.md").read_text()
     for label in ("FCN", "ST-FCN Aff"):  # both cells of the grid ran, and show their error
         row = next(line for line in results.splitlines() if line.startswith(f"| {label} "))
         assert row.split("|")[2].strip().startswith("**"), row  # R column: "**err** (1) · paper · …"
-    metrics = json.loads(sh(repo, "dvc", "metrics", "show", "--json"))
-    assert any("reports/metrics/st_fcn-r-0.json" in json.dumps(v) for v in metrics.values())
+    metrics = sh(repo, "dvc", "metrics", "show", "--json")
+    assert "0-st_fcn-r" in metrics and "failed" not in metrics.lower()
     summary = json.loads((repo / "reports/summary.json").read_text())
-    assert summary["cells_run"] == 2
+    assert summary["cells_run"] == 2 and set(summary["cells"]) == {"0-fcn-r", "0-st_fcn-r"}
+    assert (repo / "reports/figures/transforms/0-st_fcn-r.png").stat().st_size > 1000
+
+    # report code is no dependency of a cell: editing it restales the aggregate only
+    for f in ("src/aggregate.py", "src/viz.py", "src/records.py"):
+        with open(repo / f, "a") as fh:
+            fh.write("# edited\n")
+    status = sh(repo, "dvc", "status")
+    assert "aggregate" in status and "train@" not in status and "short@" not in status, status
+    sh(repo, "git", "checkout", "--", "src")
+
+    # a failed rerun of a cell (its data tampered) keeps the committed record
+    record = (repo / "reports/metrics/0-fcn-r.json").read_bytes()
+    with open(repo / "data/distorted/r/val.pt", "r+b") as fh:
+        fh.seek(-100, 2)
+        b = fh.read(1)
+        fh.seek(-100, 2)
+        fh.write(bytes([b[0] ^ 1]))
+    r = subprocess.run(["dvc", "repro", "-f", "-s", "train@0-fcn-r"], cwd=repo, env=ENV, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert (repo / "reports/metrics/0-fcn-r.json").read_bytes() == record
+    assert (repo / "reports/cells/0-fcn-r/outcomes.pt").is_file()
+    sh(repo, "dvc", "repro", "-f", "-s", "distort@r")  # regenerated bit-identically
 
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "results")
@@ -81,5 +105,7 @@ def test_dvc_repro_end_to_end_and_a_fresh_clone_retrains_nothing(tmp_path):
     sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
     out = sh(clone, "dvc", "repro")
     assert "Running stage 'distort@r'" in out  # data regenerated (no DVC remote)...
-    assert "Running stage 'train@" not in out  # ...bit-identically, so no committed cell retrains
+    assert "Running stage 'train@" not in out and "Running stage 'short@" not in out  # ...so no cell retrains
     assert sh(clone, "git", "status", "--porcelain", "--", "dvc.lock").strip() == ""
+    shown = subprocess.run(["dvc", "metrics", "show"], cwd=clone, env=ENV, capture_output=True, text=True)
+    assert "failed to load" not in (shown.stdout + shown.stderr).lower() and "0-st_fcn-r" in shown.stdout
