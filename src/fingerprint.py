@@ -31,7 +31,8 @@ SMALL_CANVAS = 42  # TC's 60×60 canvas shrunk to RTS's: the smallest on which e
 
 
 def synthetic_digits(n: int, seed: int):
-    """Digit-like uint8 images (N, 1, 28, 28): three Gaussian blobs in the central 20×20 (float64, exact)."""
+    """Digit-like uint8 images (N, 1, 28, 28): three Gaussian blobs in the central 20×20, black border
+    (float64, exact on any CPU). The test fixtures use them too."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -41,6 +42,7 @@ def synthetic_digits(n: int, seed: int):
     dx = ax[None, None, None, :] - centres[..., 0, None, None]
     dy = ax[None, None, :, None] - centres[..., 1, None, None]
     img = torch.exp(-(dx ** 2 + dy ** 2) / (2 * sigma ** 2)).sum(1).clamp(max=1)
+    img = torch.where(img < 0.05, torch.zeros_like(img), img)  # a black background, as MNIST's
     return (img * 255).round().to(torch.uint8)[:, None]
 
 

@@ -20,9 +20,7 @@ import io
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -38,7 +36,7 @@ from src.config import cell_name, result_config, validate  # noqa: E402
 from src.data.datamodule import DistortedMNIST  # noqa: E402
 from src.models.build import build_model  # noqa: E402
 from src.models.module import Classifier  # noqa: E402
-from src.runinfo import REPO, UserError, compose_config, versions, write_atomic, write_json  # noqa: E402
+from src.runinfo import REPO, UserError, atomic_dir, compose_config, versions, write_atomic, write_json  # noqa: E402
 
 CONF_DIR = REPO / "conf"
 FINGERPRINT = REPO / "src" / "fingerprint.json"
@@ -157,22 +155,9 @@ def outcomes_bytes(outcomes: dict, test_sha256: str) -> bytes:
 def write_record(cfg: DictConfig, files: dict[str, str | bytes], metrics: dict, curve_csv: str) -> None:
     """Replace the cell's record only once every part is ready: the cell directory by one rename of a
     finished sibling, then the curve, then the metrics file, whose presence marks a complete record."""
-    cell_dir = Path(cfg.paths.cell_dir)
-    cell_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cell_dir.parent, prefix=f".{cell_dir.name}.tmp-"))
-    old = None
-    try:
-        tmp.chmod(0o755)
+    with atomic_dir(Path(cfg.paths.cell_dir)) as tmp:
         for name, data in files.items():
             write_atomic(tmp / name, data)
-        if cell_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=cell_dir.parent, prefix=f".{cell_dir.name}.old-"))
-            os.replace(cell_dir, old / cell_dir.name)
-        os.replace(tmp, cell_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     write_atomic(Path(cfg.paths.curve_file), curve_csv)
     write_json(Path(cfg.paths.metrics_file), metrics)
 

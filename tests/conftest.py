@@ -8,20 +8,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from src.fingerprint import synthetic_digits  # noqa: F401  (also the digits of the result fingerprint)
+
 SYN_SIZES = (40, 20, 20)  # train / val / test
-
-
-def synthetic_digits(n: int, seed: int) -> torch.Tensor:
-    """Smooth digit-like uint8 images (N, 1, 28, 28): three Gaussian blobs inside the central 20×20, black border."""
-    g = torch.Generator().manual_seed(seed)
-    centres = 8 + 12 * torch.rand(n, 3, 2, generator=g, dtype=torch.float64)
-    sigma = 1.2 + 1.2 * torch.rand(n, 3, 1, 1, generator=g, dtype=torch.float64)
-    ax = torch.arange(28, dtype=torch.float64)
-    dx = ax[None, None, None, :] - centres[..., 0, None, None]
-    dy = ax[None, None, :, None] - centres[..., 1, None, None]
-    img = torch.exp(-(dx ** 2 + dy ** 2) / (2 * sigma ** 2)).sum(1).clamp(max=1)
-    img = torch.where(img < 0.05, torch.zeros_like(img), img)
-    return (img * 255).round().to(torch.uint8)[:, None]
 
 
 def synthetic_mnist(sizes=SYN_SIZES, seed: int = 0) -> dict:

@@ -24,13 +24,9 @@ default thread count; on a heavily shared machine OMP_NUM_THREADS=1 is faster
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -38,7 +34,7 @@ from omegaconf import OmegaConf
 
 from src.data.mnist import SPLITS, load_raw, sidecar
 from src.data.warps import distort_batch, warp_of
-from src.runinfo import UserError, load_checked, stage_main, write_atomic
+from src.runinfo import UserError, atomic_dir, load_checked, stage_main, write_atomic
 
 CHUNK = 1000  # images per distort_batch call: part of the recipe (the random stream is drawn per chunk)
 PREVIEW_N = 64
@@ -93,28 +89,6 @@ def _to_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)  # to memory: the archive's internal name is then fixed ("archive")
     return buf.getvalue()
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: Path):
-    """Yield a temporary sibling directory; on success it replaces ``out_dir`` with one rename.
-
-    On any failure (or an interrupt) the temporary directory is removed and ``out_dir`` is untouched.
-    """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    tmp.chmod(0o755)  # mkdtemp creates 0700
-    old = None
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-            os.replace(out_dir, old / out_dir.name)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def distort(cfg) -> Path:
