@@ -37,6 +37,10 @@ DEVIATION = 1.3  # flag cells worse than the paper by more than 30 % relative
 PAPER_STEPS = 150_000  # only cells trained at the paper's budget are compared with its numbers
 
 
+COLUMNS = ["model", "distortion", "seed", "key", "run", "test_err", "test_err_last", "test_err_best", "val_err_best",
+           "n_params", "steps", "device", "hours", "commit"]
+
+
 def collect(grid: dict, reports: Path) -> tuple[pd.DataFrame, dict]:
     """One row per cell of the grid (its metrics if its record is complete, else 'not run'), and the records."""
     rows, records = [], {}
@@ -55,7 +59,7 @@ def collect(grid: dict, reports: Path) -> tuple[pd.DataFrame, dict]:
                                hours=round(p.get("fit_seconds", float("nan")) / 3600, 2),
                                commit=str(p.get("commit", "?"))[:10])
                 rows.append(row)
-    return pd.DataFrame(rows), records
+    return pd.DataFrame(rows, columns=COLUMNS), records
 
 
 def param_counts(grid: dict) -> pd.DataFrame:
@@ -348,7 +352,7 @@ def aggregate(root: Path = REPO) -> pd.DataFrame:
     steps = {p: OmegaConf.load(root / "conf/trainer" / f"{p}.yaml").max_steps for p in (grid["profile"], "short")}
     table_ckpt = OmegaConf.load(root / "conf/config.yaml").eval.table_ckpt
     df, records = collect(grid, reports)
-    short, short_records = collect(short_grid, reports / "short") if short_grid else (pd.DataFrame(columns=["run"]), {})
+    short, short_records = collect(short_grid, reports / "short") if short_grid else (pd.DataFrame(columns=COLUMNS), {})
     counts = param_counts(grid)
     plot_curves(grid, df, reports, reports / "figures" / "curves.png")
     plot_invariance(grid, records, data_dir, reports / "figures" / "invariance.png")

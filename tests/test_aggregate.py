@@ -135,6 +135,16 @@ def test_aggregate_builds_table_and_figures_from_records_and_ignores_stale(tmp_p
     assert cell_name("st_fcn", "r", 0) in thetas and "r(rotation, angle)" in thetas
 
 
+def test_aggregate_with_no_cell_run_yet(tmp_path):
+    shutil.copytree(REPO / "conf", tmp_path / "conf")
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    df = aggregate(tmp_path)
+    assert not df.run.any() and len(df) == len(PARAMS["models"]) * len(PARAMS["distortions"]) * len(PARAMS["seeds"])
+    md = (tmp_path / "reports/results.md").read_text()
+    assert "Cells run: 0 of" in md and "_no ST cell run yet_" in md
+    assert json.loads((tmp_path / "reports/summary.json").read_text())["cells"] == {}
+
+
 def test_an_edit_of_report_code_restales_no_train_cell(tmp_path):
     """Figure and report code is no dependency of a train stage (dvc.yaml), so editing it keeps every cell."""
     deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
