@@ -70,7 +70,7 @@ def cell_hash(model: str, data: str) -> str:
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
     for step in range(STEPS):
         opt.zero_grad(set_to_none=True)
-        module.training_step(dm.train_batch(step), step).backward()
+        module.loss(dm.train_batch(step)).backward()
         opt.step()
         sched.step()
     eval_u8, _ = generate_split(synthetic_digits(N_EVAL, 2), cfg.data, 7, bool(cfg.stn.align_corners),
