@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copyreg
 import hashlib
+import importlib
 import json
 import os
 import platform
@@ -14,6 +16,16 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _by_import(module):
+    return importlib.import_module, (module.__name__,)
+
+
+# torch swaps some submodules for module subclasses (torch.backends.cudnn) that pickle refuses; a Hydra launcher
+# that pickles the app (`-m hydra/launcher=submitit_local`) would fail on them. They travel as imports.
+for _t in {type(m) for m in list(sys.modules.values()) if isinstance(m, type(sys)) and type(m) is not type(sys)}:
+    copyreg.pickle(_t, _by_import)
 
 
 class UserError(Exception):
