@@ -42,9 +42,11 @@ gunzip -c .window/mnist.pt.gz > data/raw/mnist.pt && cp .window/mnist.pt.sha256 
 if ls .window/runs*.tar.gz >/dev/null 2>&1; then
   python3 -m src.window --unpack .window || fail "cannot unpack the carried runs"
 fi
-DISTORTIONS=$(ls .window/manifests | sed 's/\.json$//')
-for d in $DISTORTIONS; do python3 -m src.data.distort data="$d" > "$LOGS/distort-$d.log" 2>&1 & done
-wait
+DISTORTIONS=$(ls .window/manifests 2>/dev/null | sed 's/\.json$//')
+[ -n "$DISTORTIONS" ] || fail ".window/manifests is empty: run python -m src.window --prepare where data/distorted exists"
+PIDS=()
+for d in $DISTORTIONS; do python3 -m src.data.distort data="$d" > "$LOGS/distort-$d.log" 2>&1 & PIDS+=($!); done
+wait "${PIDS[@]}"  # these alone: a bare wait would also wait for the transcript's tee
 for d in $DISTORTIONS; do
   if cmp -s "data/distorted/$d/manifest.json" ".window/manifests/$d.json"; then echo "data $d: identical to the committed data"
   else echo "warning: data $d differs from the committed data; its records will be refused at unpack"; fi

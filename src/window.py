@@ -415,7 +415,8 @@ def check_record_data(cell_dir: Path, data_dir: Path) -> str | None:
     try:
         want = json.loads(manifest.read_text())["files"]["test.pt"]["sha256"]
     except (OSError, ValueError, KeyError):
-        return None  # no local data to compare with: dvc commit hashes the data anyway
+        print(f"note: {manifest} not found; the test set of {cell_dir.name}'s record is not checked", file=sys.stderr)
+        return None  # dvc commit hashes the local data anyway
     got = torch.load(cell_dir / "outcomes.pt", map_location="cpu", weights_only=True).get("test_sha256")
     return None if got == want else f"its test set (sha256 {str(got)[:12]}…) is not {manifest}'s ({want[:12]}…)"
 
@@ -509,7 +510,8 @@ def print_plan(p: dict) -> None:
           f"contention {p['contention']:g}×)")
     for r in p["rows"]:
         cost = "?" if r["minutes"] is None else f"{r['minutes']:.1f} min"
-        when = ("finishes" if r["fits"] else "starts, resumes next window") if r["starts_at"] is not None else "waits"
+        when = "waits" if r["starts_at"] is None else "finishes" if r["fits"] else \
+            "starts (cost not measured)" if r["minutes"] is None else "starts, resumes next window"
         print(f"  {r['cell']:<20} from step {r['from_step']:<7} {cost:>10}  {when}")
 
 
