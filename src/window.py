@@ -275,25 +275,27 @@ def run_files(root: Path, ckpt_dir: Path) -> list[tuple[Path, str]]:
 def pack_runs(out: Path, root: Path, unfinished: list[tuple[str, Path]]) -> tuple[list[str], list[str]]:
     """Unfinished cells' runs in tarballs of at most RUN_CHUNK_BYTES each (cells in the given order, never
     split); returns (packed cells, cells left out because the return limits are reached)."""
-    chunks: list[list[tuple[Path, str]]] = [[]]
-    sizes, packed, left = [0], [], []
+    chunks: list[list[tuple[Path, str]]] = []
+    sizes: list[int] = []
+    packed, left = [], []
     for name, ckpt_dir in unfinished:
+        if not (ckpt_dir / "last.ckpt").is_file():
+            continue  # stopped before its first checkpoint: it starts afresh anyway
         files = run_files(root, ckpt_dir)
-        if not files:
-            continue
         n = sum(f.stat().st_size for f, _ in files)
-        if sizes[-1] and sizes[-1] + n > RUN_CHUNK_BYTES:
-            chunks.append([])
-            sizes.append(0)
-        if n > RUN_CHUNK_BYTES or len(chunks) > MAX_RUN_CHUNKS or sum(sizes) + n > RUN_TOTAL_BYTES:
-            if not chunks[-1]:
-                chunks.pop(), sizes.pop()
+        if n > RUN_CHUNK_BYTES or sum(sizes) + n > RUN_TOTAL_BYTES:
             left.append(name)
             continue
+        if not chunks or sizes[-1] + n > RUN_CHUNK_BYTES:
+            if len(chunks) == MAX_RUN_CHUNKS:
+                left.append(name)
+                continue
+            chunks.append([])
+            sizes.append(0)
         chunks[-1].extend(files)
         sizes[-1] += n
         packed.append(name)
-    for i, files in enumerate(c for c in chunks if c):
+    for i, files in enumerate(chunks):
         write_tar(out / ("runs.tar.gz" if i == 0 else f"runs-{i + 1}.tar.gz"), files)
     return packed, left
 

@@ -224,3 +224,29 @@ def test_window_scale_out_submitit_local_runs_each_cell_as_a_job(synthetic_data,
         assert (tmp_path / "multirun" / str(seed) / ".hydra" / "overrides.yaml").is_file()
     jobs = [p for p in (tmp_path / "multirun" / ".submitit").iterdir() if p.name.isdigit()]  # job ids (pids)
     assert len(jobs) == 2 and all(list(j.glob("*_result.pkl")) for j in jobs)  # two separate submitit jobs
+
+
+def test_window_packs_runs_in_chunks_within_the_return_limits(tmp_path, monkeypatch):
+    """Cells are never split; a chunk stays under RUN_CHUNK_BYTES, the chunks under their count and total."""
+    from src import window as w
+
+    monkeypatch.setattr(w, "RUN_CHUNK_BYTES", 3000)
+    monkeypatch.setattr(w, "RUN_TOTAL_BYTES", 7000)
+    monkeypatch.setattr(w, "MAX_RUN_CHUNKS", 3)
+    root, unfinished = tmp_path / "root", []
+    for name, size in [("a", 1000), ("b", 1000), ("c", 1500), ("big", 4000), ("d", 2500), ("e", 1000), ("f", 900)]:
+        ckpt = root / "runs" / name / "0123456789ab" / "checkpoints"
+        ckpt.mkdir(parents=True)
+        for f in ("last.ckpt", "best.ckpt"):
+            (ckpt / f).write_bytes(os.urandom(size // 2))
+        unfinished.append((name, ckpt))
+    (root / "runs" / "g" / "0123456789ab").mkdir(parents=True)  # stopped before its first checkpoint
+    unfinished.append(("g", root / "runs" / "g" / "0123456789ab" / "checkpoints"))
+    out = tmp_path / "out"
+    packed, left = w.pack_runs(out, root, unfinished)
+    assert packed == ["a", "b", "c", "d"] and left == ["big", "e", "f"]  # e, f: no fourth chunk
+    members = {}
+    for t in sorted(out.iterdir()):
+        with tarfile.open(t) as tar:
+            members[t.name] = sorted({m.name.split("/")[1] for m in tar.getmembers()})
+    assert members == {"runs.tar.gz": ["a", "b"], "runs-2.tar.gz": ["c"], "runs-3.tar.gz": ["d"]}
