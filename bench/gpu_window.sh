@@ -37,6 +37,7 @@ print('torch', torch.__version__, '| lightning', pl.__version__, '| hydra', hydr
   || fail "the Python environment is not ready"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 [ -f .window/mnist.pt.gz ] || fail ".window/mnist.pt.gz missing: run python -m src.window --prepare and carry .window"
+git rev-parse HEAD >/dev/null 2>&1 || export STN_COMMIT=$(cat .window/commit 2>/dev/null)  # a copy without .git
 mkdir -p data/raw
 gunzip -c .window/mnist.pt.gz > data/raw/mnist.pt && cp .window/mnist.pt.sha256 data/raw/ || fail "cannot unpack the raw digits"
 if ls .window/runs*.tar.gz >/dev/null 2>&1; then

@@ -81,9 +81,14 @@ def git_commit() -> str:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "conf"],
                                cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else _commit_of_copy()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return _commit_of_copy()
+
+
+def _commit_of_copy() -> str:
+    """A copy of the tree without its git history (a GPU window's) is told its commit by STN_COMMIT."""
+    return os.environ.get("STN_COMMIT") or "unknown"
 
 
 def device_name(device: torch.device) -> str:

@@ -519,7 +519,7 @@ def print_plan(p: dict) -> None:
 
 def prepare(a: argparse.Namespace, cells: list[Cell], root: Path) -> None:
     """Fill ``.window/`` (git-ignored; carry it): the raw digits gzipped, the data manifests to check the
-    regenerated data against, and the unfinished runs of these cells (for ``--device``'s config)."""
+    regenerated data against, this commit, and the unfinished runs of these cells (for ``--device``'s config)."""
     dest = root / a.prepare
     raw = root / "data" / "raw" / "mnist.pt"
     if not raw.is_file():
@@ -530,6 +530,9 @@ def prepare(a: argparse.Namespace, cells: list[Cell], root: Path) -> None:
     with open(raw, "rb") as f, gzip.open(dest / "mnist.pt.gz", "wb", compresslevel=6) as g:
         shutil.copyfileobj(f, g, 1 << 22)
     shutil.copy(raw.with_name("mnist.pt.sha256"), dest / "mnist.pt.sha256")
+    from src.runinfo import git_commit
+
+    (dest / "commit").write_text(git_commit() + "\n")  # for the records' provenance where the copy has no git
     for d in sorted({c.data for c in cells}):
         m = root / "data" / "distorted" / d / "manifest.json"
         if m.is_file():

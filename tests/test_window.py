@@ -250,3 +250,13 @@ def test_window_packs_runs_in_chunks_within_the_return_limits(tmp_path, monkeypa
         with tarfile.open(t) as tar:
             members[t.name] = sorted({m.name.split("/")[1] for m in tar.getmembers()})
     assert members == {"runs.tar.gz": ["a", "b"], "runs-2.tar.gz": ["c"], "runs-3.tar.gz": ["d"]}
+
+
+def test_window_copy_without_git_history_records_the_commit_it_was_given(tmp_path, monkeypatch):
+    from src import runinfo
+
+    monkeypatch.setattr(runinfo, "REPO", tmp_path)  # no .git here
+    monkeypatch.delenv("STN_COMMIT", raising=False)
+    assert runinfo.git_commit() == "unknown"
+    monkeypatch.setenv("STN_COMMIT", "0123abcd")
+    assert runinfo.git_commit() == "0123abcd"
