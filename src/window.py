@@ -196,8 +196,11 @@ class Window:
                 o.status, o.message = "failed", "exit 0 but no metrics file"
         elif m:
             o.status, o.step, o.message = "stopped", int(m.group(2)), last
+        elif rc == -signal.SIGTERM and not killed:  # before its handler was in place: nothing but start-up lost
+            o.status, o.step = "stopped", checkpoint_step(self.ckpt[name] / "last.ckpt")
+            o.message = "stopped by SIGTERM before training started"
         else:
-            o.status = "killed" if killed or rc in (-signal.SIGTERM, -signal.SIGKILL) else "failed"
+            o.status = "killed" if killed or rc == -signal.SIGKILL else "failed"
             o.step = checkpoint_step(self.ckpt[name] / "last.ckpt")
             o.message = last or f"exit {rc}"
         if o.step is not None and o.step > o.from_step and o.seconds > 0:
@@ -605,6 +608,10 @@ def main(argv: list[str] | None = None) -> None:
         from src.runinfo import compose_config
 
         compose_config(cell_args(cells[0], a.profile, a.device == "cuda", a.set))  # a bad --set: one line, now
+        pipeline = yaml.safe_load((REPO / "params.yaml").read_text())["profile"]
+        if a.profile != pipeline or a.set:
+            print(f"warning: profile {a.profile}{' with --set' if a.set else ''} is not the pipeline's ({pipeline}): "
+                  f"these records are not dvc.yaml's; do not dvc commit them", file=sys.stderr)
         w = Window(a, cells, root)
         print(f"window: {len(cells)} cells, {a.jobs} at once, {a.minutes:g} min on {a.device}, profile {a.profile}",
               flush=True)

@@ -19,7 +19,7 @@ from src.runinfo import REPO, compose_config
 from src.window import Cell, cell_args, main as window_main, rebase_checkpoint
 
 CELLS = "0-fcn-r,1-fcn-r"
-STEPS = 600
+STEPS = 800
 
 
 def window(root, *args: str, data=None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -61,8 +61,12 @@ def test_window_stopped_at_its_limit_resumes_elsewhere_to_the_same_records(strai
     fit = max(json.loads((ref / "reports" / "cells" / c / "provenance.json").read_text())["fit_seconds"]
               for c in CELLS.split(","))
     limit = max(c["seconds"] for c in ref_summary["cells"]) - fit / 2 - 2
-    first, second = tmp_path / "first", tmp_path / "second"
-    s1 = cpu_window(first, synthetic_data, limit / 60)
+    for attempt in range(3):  # a busy machine can shift the start-up: move the limit and try again
+        first, second = tmp_path / f"first{attempt}", tmp_path / "second"
+        s1 = cpu_window(first, synthetic_data, limit / 60)
+        if all(c["status"] == "stopped" and c["step"] for c in s1["cells"]):
+            break
+        limit += -fit / 3 if any(c["status"] == "finished" for c in s1["cells"]) else fit / 3
     for c in s1["cells"]:
         assert c["status"] == "stopped" and 0 < c["step"] < STEPS and c["packed"], s1
     assert not (first / "pack" / "records.tar.gz").exists() and (first / "pack" / "runs.tar.gz").is_file()
