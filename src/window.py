@@ -564,6 +564,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="OMP threads per cell (default: cores // jobs)")
     ap.add_argument("--grace", type=float, default=60.0, help="seconds between SIGTERM and SIGKILL (default 60)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every cell")
+    ap.add_argument("--force", action="store_true", help="also train cells whose record exists")
     ap.add_argument("--root", default=str(REPO), help="where runs/, reports/ and data/ are (default: the repo)")
     ap.add_argument("--out", default=None, help="where the packed results go (default: $OUT, else logs/window-out)")
     ap.add_argument("--logs", default="logs/window", help="per-cell logs, packed as logs.tar.gz")
@@ -590,6 +591,13 @@ def main(argv: list[str] | None = None) -> None:
         if bad:
             raise UserError(f"--set {bad[0]!r} is not KEY=VALUE")
         cells = parse_cells(a.cells, root)
+        if not a.force:  # the tree carries the committed records: a finished cell is not trained again
+            have = [c.name for c in cells if (root / arg_value(stage_args(c, a.profile), "paths.metrics_file")).is_file()]
+            if have:
+                print(f"window: skipping {', '.join(have)}: their records exist (--force trains them again)")
+            cells = [c for c in cells if c.name not in have]
+            if not cells:
+                raise UserError("every cell given has its record already; --force trains them again")
         cores = os.cpu_count() or 1
         a.jobs = a.jobs or max(1, min(len(cells), cores // 2 if a.device == "cuda" else cores))
         if a.prepare:

@@ -169,8 +169,10 @@ def test_window_plan_puts_the_cheapest_cells_first(tmp_path, capsys):
                           {"model": "st_cnn", "distortion": "R", "s / step": 0.002},
                           {"model": "cnn", "distortion": "R", "s / step": 0.001}]}
     (tmp_path / "bench.json").write_text(json.dumps(bench))
+    (tmp_path / "reports" / "metrics").mkdir(parents=True)
+    (tmp_path / "reports" / "metrics" / "0-cnn-p.json").write_text("{}")  # finished: not planned again
     window_main(["--root", str(tmp_path), "--device", "cpu", "--plan", "bench.json", "--minutes", "5.5", "--jobs", "1",
-                 "--contention", "1", "--cells", "0-cnn-tc,0-st_cnn-r,0-cnn-r,0-cnn-e", "--out", str(tmp_path)])
+                 "--contention", "1", "--cells", "0-cnn-tc,0-st_cnn-r,0-cnn-r,0-cnn-e,0-cnn-p", "--out", str(tmp_path)])
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["cells"] == ["0-cnn-r", "0-st_cnn-r", "0-cnn-tc", "0-cnn-e"]  # measured by cost, then the unmeasured
     rows = {r["cell"]: r for r in plan["rows"]}
