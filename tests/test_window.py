@@ -266,3 +266,32 @@ def test_window_copy_without_git_history_records_the_commit_it_was_given(tmp_pat
     assert runinfo.git_commit() == "unknown"
     monkeypatch.setenv("STN_COMMIT", "0123abcd")
     assert runinfo.git_commit() == "0123abcd"
+
+
+def test_window_prepare_fills_what_the_next_window_carries(tmp_path, synthetic_data):
+    """.window/: the raw digits (gzipped, identical), the data manifests, this commit, unfinished runs only."""
+    import gzip
+    import shutil
+
+    from src.window import checkpoint_dir
+
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    for f in synthetic_data["raw_file"].parent.iterdir():
+        shutil.copy(f, raw / f.name)
+    (tmp_path / "data" / "distorted" / "r").mkdir(parents=True)
+    shutil.copy(synthetic_data["data_dir"] / "r" / "manifest.json", tmp_path / "data" / "distorted" / "r")
+    for name, model in (("0-cnn-r", "cnn"), ("0-st_cnn-r", "st_cnn")):  # both stopped on CUDA; st_cnn has finished
+        ckpt = checkpoint_dir(cell_args(Cell(name, 0, model, "r"), "full", cuda=True, sets=[]), tmp_path)
+        ckpt.mkdir(parents=True)
+        (ckpt / "last.ckpt").write_bytes(b"x" * 10)
+    (tmp_path / "reports" / "metrics").mkdir(parents=True)
+    (tmp_path / "reports" / "metrics" / "0-st_cnn-r.json").write_text("{}")
+    window_main(["--root", str(tmp_path), "--prepare", "--force", "--cells", "0-cnn-r,0-st_cnn-r"])
+    dest = tmp_path / ".window"
+    assert gzip.decompress((dest / "mnist.pt.gz").read_bytes()) == (raw / "mnist.pt").read_bytes()
+    assert (dest / "mnist.pt.sha256").read_bytes() == (raw / "mnist.pt.sha256").read_bytes()
+    assert sorted(p.name for p in (dest / "manifests").iterdir()) == ["r.json"]
+    assert (dest / "commit").read_text().strip()
+    with tarfile.open(dest / "runs.tar.gz") as tar:
+        assert {m.name.split("/")[1] for m in tar.getmembers()} == {"0-cnn-r"}
