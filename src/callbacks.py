@@ -183,8 +183,29 @@ class SignalStop(pl.Callback):
         name = signal.Signals(self.signum).name
         return Stopped(f"stopped by {name} at step {step}; rerun the same command to resume", self.signum)
 
+    def on_train_start(self, trainer, pl_module):
+        self._take_over()
+
+    def on_test_start(self, trainer, pl_module):
+        self._take_over()
+
+    def _take_over(self) -> None:
+        """Lightning puts its own SIGTERM handler first when a fit or test starts, and that one aborts a
+        validation half-way (a checkpoint there would skip the rest of it on resume): ours alone decides."""
+        if self._old:
+            signal.signal(signal.SIGTERM, self._handler)
+
+    def on_validation_end(self, trainer, pl_module):
+        self._validated = trainer.global_step  # ModelCheckpoint writes last.ckpt of this step in this hook too
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.signum is not None and getattr(self, "_validated", None) == trainer.global_step:
+            raise self.stopped(trainer.global_step)  # the validation's last.ckpt holds exactly this state
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.signum is not None:
+            if trainer.enable_validation and trainer.global_step % trainer.val_check_batch == 0:
+                return  # a validation is due: stop after it and its checkpoint, or a resume would skip it
             self.save(trainer)
             raise self.stopped(trainer.global_step)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import hashlib
+import importlib
 import json
 import os
 import platform
@@ -16,6 +18,16 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _by_import(module):
+    return importlib.import_module, (module.__name__,)
+
+
+# torch swaps some submodules for module subclasses (torch.backends.cudnn) that pickle refuses; a Hydra launcher
+# that pickles the app (`-m hydra/launcher=submitit_local`) would fail on them. They travel as imports.
+for _t in {type(m) for m in list(sys.modules.values()) if isinstance(m, type(sys)) and type(m) is not type(sys)}:
+    copyreg.pickle(_t, _by_import)
 
 
 class UserError(Exception):
@@ -93,9 +105,14 @@ def git_commit() -> str:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "conf"],
                                cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else _commit_of_copy()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return _commit_of_copy()
+
+
+def _commit_of_copy() -> str:
+    """A copy of the tree without its git history (a GPU window's) is told its commit by STN_COMMIT."""
+    return os.environ.get("STN_COMMIT") or "unknown"
 
 
 def device_name(device: torch.device) -> str:
