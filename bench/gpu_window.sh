@@ -67,7 +67,12 @@ if [ "${BENCH:-1}" != 0 ]; then
 fi
 
 step "3. plan"
-MINUTES=$(python3 -c "print(round(max(60, $BUDGET - $(elapsed) - $GRACE - 45) / 60, 2))")
+LEFT=$(( BUDGET - $(elapsed) - GRACE - 45 ))  # what training may use, packing and the grace period kept
+if [ "$LEFT" -lt 60 ]; then  # a window under a minute would pass the command's limit and lose its packing
+  echo "warning: only $LEFT s left after the checks; no window this time (WINDOW_BUDGET, or BENCH=0)"
+  exit 0
+fi
+MINUTES=$(python3 -c "print(round($LEFT / 60, 2))")
 ARGS=(--device "$DEVICE" ${CELLS:+--cells "$CELLS"} ${PROFILE:+--profile "$PROFILE"} ${JOBS:+--jobs "$JOBS"})
 python3 -m src.window "${ARGS[@]}" --plan "$LOGS/bench.json" --minutes "$MINUTES" --out "$LOGS" \
   || fail "no plan"

@@ -79,8 +79,9 @@ def _real(lo: float | None = None, hi: float | None = None, lo_open: bool = Fals
 
 
 def _one_of(*choices):
-    def check(v):
-        return v in choices, "one of " + ", ".join(map(str, choices))
+    def check(v):  # 32 from the command line is an int, "32" in a file a string: both are the same choice
+        return v in choices or (not isinstance(v, bool) and str(v) in map(str, choices)), \
+            "one of " + ", ".join(map(str, choices))
     return check
 
 

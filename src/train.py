@@ -118,7 +118,8 @@ def make_trainer(cfg: DictConfig, ckpt_dir: Path, callbacks: list, label: str) -
     t = cfg.trainer
     ckpt = pl.callbacks.ModelCheckpoint(
         dirpath=ckpt_dir, filename="best", monitor="val/err", mode="min",
-        save_top_k=1, save_last=True, auto_insert_metric_name=False)
+        save_top_k=1, save_last=True, auto_insert_metric_name=False,
+        enable_version_counter=False)  # always last.ckpt / best.ckpt, the files a resume reads
     bar = [] if cfg.quiet or not sys.stderr.isatty() else [pl.callbacks.RichProgressBar()]
     if t.get("tf32") and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -192,7 +193,7 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
                 trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=True)
             except SIGTERMException:
                 raise stop.stopped(trainer.global_step) from None
-            if stop.signum is not None:
+            if stop.signum is not None and trainer.global_step < cfg.trainer.max_steps:
                 raise stop.stopped(trainer.global_step)
             if trainer.interrupted or trainer.global_step < cfg.trainer.max_steps:
                 raise UserError(f"training stopped at step {trainer.global_step} of {cfg.trainer.max_steps}; "
@@ -200,11 +201,17 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
             rows, segs = list(curve.rows), segments.segments()  # testing a checkpoint restores callback states
             last, out_last = test_outcomes(trainer, module, dm, None)
             best, out_best = test_outcomes(trainer, module, dm, "best")
-            if stop.signum is not None:
-                raise stop.stopped(trainer.global_step)
         finally:
             stop.uninstall()
+        # a signal after the last step stops nothing: the finished run is tested and its record written
+        files, metrics, curve_text = make_record(cfg, net, budget, trainer, fingerprint, rows, segs,
+                                                 last, out_last, best, out_best)
+        write_record(cfg, files, metrics, curve_text)  # under the lock: one writer per record
+    return metrics
 
+
+def make_record(cfg, net, budget, trainer, fingerprint, rows, segs, last, out_last, best, out_best):
+    """(files of the cell directory, metrics, curve CSV) of a finished run."""
     if not all(torch.isfinite(torch.tensor(v)) for v in (last["err"], best["err"], last["loss"])):
         raise UserError("non-finite test metrics; the network diverged")
     table, outcomes = (last, out_last) if cfg.eval.table_ckpt == "last" else (best, out_best)
@@ -218,17 +225,19 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
         "steps": int(trainer.global_step),
     }
     provenance = {
-        "cell": label, "seed": int(cfg.seed), "steps": int(trainer.global_step),
-        "profile_max_steps": int(cfg.trainer.max_steps), "commit": segs[0]["commit"] if segs else "unknown",
+        "cell": cell_name(cfg.model.name, cfg.data.name, cfg.seed), "seed": int(cfg.seed),
+        "steps": int(trainer.global_step), "profile_max_steps": int(cfg.trainer.max_steps),
+        "commit": segs[0]["commit"] if segs else "unknown",
         "device": segs[-1]["device"] if segs else "?", "accelerator": trainer.strategy.root_device.type,
         "versions": versions(), "deterministic": str(cfg.trainer.deterministic),
         "fit_seconds": round(sum(s["seconds"] for s in segs), 1), "segments": segs,
         "resumed": len(segs) > 1, "fingerprint": fingerprint, "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    test_sha = json.loads((Path(cfg.paths.data_dir) / str(cfg.data.name) / "manifest.json").read_text())["files"]["test.pt"]["sha256"]
-    write_record(cfg, {"provenance.json": json.dumps(provenance, indent=2, sort_keys=True) + "\n",
-                       "outcomes.pt": outcomes_bytes(outcomes, test_sha)}, metrics, curve_csv(rows))
-    return metrics
+    manifest = Path(cfg.paths.data_dir) / str(cfg.data.name) / "manifest.json"
+    test_sha = json.loads(manifest.read_text())["files"]["test.pt"]["sha256"]
+    files = {"provenance.json": json.dumps(provenance, indent=2, sort_keys=True) + "\n",
+             "outcomes.pt": outcomes_bytes(outcomes, test_sha)}
+    return files, metrics, curve_csv(rows)
 
 
 def _r(x: float) -> float:
@@ -253,10 +262,15 @@ def check_overrides(argv: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     try:
         m = train(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return  # one failed cell does not end the sweep's other cells
         sys.exit(e.exit_code)
     print(f"{cell_name(cfg.model.name, cfg.data.name, cfg.seed)}: test error {m['test']['err']:.2f} % "
           f"(last {m['test']['err_last']:.2f}, best-val {m['test']['err_best']:.2f}), "
