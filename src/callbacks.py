@@ -158,6 +158,7 @@ class SignalStop(pl.Callback):
     def __init__(self, ckpt_path: Path):
         self.ckpt_path = Path(ckpt_path)
         self.signum: int | None = None
+        self._validated: int | None = None  # the step of the last validation
         self._old: dict = {}
 
     def install(self) -> None:
@@ -199,7 +200,7 @@ class SignalStop(pl.Callback):
         self._validated = trainer.global_step  # ModelCheckpoint writes last.ckpt of this step in this hook too
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.signum is not None and getattr(self, "_validated", None) == trainer.global_step:
+        if self.signum is not None and self._validated == trainer.global_step:
             raise self.stopped(trainer.global_step)  # the validation's last.ckpt holds exactly this state
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

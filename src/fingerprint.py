@@ -64,8 +64,7 @@ def cell_hash(model: str, data: str) -> str:
     net, _ = build_model(cfg)
     module = Classifier(net, OmegaConf.to_container(cfg.optim, resolve=True), STEPS)
     dm = DistortedMNIST(cfg.data, cfg.loader, cfg.paths, cfg.stn.align_corners, cfg.seed)
-    dm.train_images = dm.train_images_cpu = synthetic_digits(N_DIGITS, 1)
-    dm.train_labels = torch.arange(N_DIGITS) % 10
+    dm.set_train(synthetic_digits(N_DIGITS, 1), torch.arange(N_DIGITS) % 10)
     opt_cfg = module.configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
     for step in range(STEPS):

@@ -30,6 +30,7 @@ import hydra  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E402
 
 from src.callbacks import CurveRecorder, DivergenceGuard, ProgressLog, Segments, SignalStop, curve_csv  # noqa: E402
 from src.config import cell_name, result_config, validate  # noqa: E402
@@ -185,8 +186,6 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
         guard = DivergenceGuard(curve, milestones[0] if milestones else 0, **cfg.guard)
         stop = SignalStop(ckpt_dir / "last.ckpt")
         trainer = make_trainer(cfg, ckpt_dir, [curve, guard, segments, stop, *extra_callbacks], label)
-        from pytorch_lightning.utilities.exceptions import SIGTERMException
-
         stop.install()
         try:
             try:

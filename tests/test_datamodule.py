@@ -47,6 +47,16 @@ def test_a_fresh_batch_is_a_function_of_seed_and_step(synthetic_data):
     assert not torch.equal(first[0], c.train_batch(3)[0])
 
 
+def test_a_second_setup_on_the_same_device_loads_nothing(synthetic_data, monkeypatch):
+    """The runner checks the data before fit, and fit sets the datamodule up again: once is enough."""
+    dm = module(synthetic_data)
+    dm.setup("fit")
+    first = dm.train_batch(2)
+    monkeypatch.setattr(dm, "load_split", lambda split: pytest.fail(f"{split} loaded twice"))
+    dm.setup("fit")
+    assert torch.equal(first[0], dm.train_batch(2)[0])
+
+
 def test_fresh_batches_are_quantised_like_the_stored_sets(synthetic_data):
     dm = module(synthetic_data)
     dm.setup("fit")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from src.data.warps import (DIGIT, FRAME, _square_to_quad, distort_batch, ink_accepted, ink_kept, px_unit,
-                             quad_is_convex)
+from src.data.warps import (DIGIT, FRAME, _square_to_quad, distort_batch, ink_accepted, ink_kept, ink_rows_table,
+                             px_unit, quad_is_convex, warp_of)
 from src.data.distort import quantize
 from src.stn.grids import base_grid
 from tests.conftest import synthetic_digits
@@ -91,6 +91,23 @@ def test_no_non_convex_or_mostly_outside_draw_survives():
     moves = 9.0 * torch.randn(400, 4, 2, generator=scale, dtype=torch.float64)
     first = torch.tensor(FRAME, dtype=torch.float64) * 14 + moves
     assert not quad_is_convex(first).all() and off.min_ink_inside == 0 and s0.shape == (400,)
+
+
+def test_a_precomputed_digit_table_gives_the_same_draws():
+    """Training computes P's per-row ink table once for its digits and slices it per batch; the draws
+    must be exactly those of the table derived from the batch itself."""
+    pool = (digits(600, 7) * 255).round().to(torch.uint8)
+    cfg = p_cfg(corner_sigma_px=9.0)
+    assert warp_of(cfg).digit_table is ink_rows_table
+    full = ink_rows_table(pool)
+    for step in range(4):
+        idx = torch.randperm(600, generator=torch.Generator().manual_seed(step))[:200]
+        x = pool[idx].double() / 255
+        table = {k: v[idx] for k, v in full.items()}
+        a = distort_batch(x, cfg, torch.Generator().manual_seed(step), x_cpu=pool[idx], digit_table=table)
+        b = distort_batch(x, cfg, torch.Generator().manual_seed(step), x_cpu=pool[idx])
+        assert torch.equal(a[0], b[0]) and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+        assert a[1]["redraws"].sum() > 0
 
 
 def test_redraws_are_deterministic_and_keep_accepted_first_draws():

@@ -5,8 +5,10 @@ RTS are one warp (``similarity``) with different keys. Each warp has two halves:
 
 - ``draw(x_cpu, cfg, g, align_corners, pool_len)``: every random parameter of a batch, drawn from a
   **CPU** ``torch.Generator`` in float64 (integers for TC) in a fixed order, plus the sampling matrix
-  built from them. Acceptance tests (P's redraws) run here too, on the CPU digits. So a batch's
-  parameters depend only on (generator state, digits), never on the device or the image dtype.
+  built from them. Acceptance tests (P's redraws) run here too, on the CPU digits; what they read of
+  each digit alone a warp may name as its ``digit_table``, which the training loop computes once for
+  the training set. So a batch's parameters depend only on (generator state, digits), never on the
+  device or the image dtype.
 - ``apply(x, params, cfg, align_corners, pool)``: the warp itself (grid + ``grid_sample`` / scatter)
   on x's device in x's dtype.
 
@@ -175,17 +177,26 @@ def _pixel_centres(align_corners: bool) -> np.ndarray:
                    lambda: base_grid(DIGIT, DIGIT, align_corners, dtype=DRAW).reshape(-1, 2).numpy())
 
 
-def _ink_rows(x: np.ndarray, align_corners: bool):
-    """Each digit's ink, row by row: the normalised (x, y) of every row's first and last ink pixel
-    (N, 28, 2, 2) and the row's ink mass (N, 28); rows without ink have mass 0."""
-    n = len(x)
-    img = x.reshape(n, DIGIT, DIGIT)
+def ink_rows_table(x_cpu) -> dict[str, torch.Tensor]:
+    """Each digit's ink, row by row: the column of every row's first and last ink pixel (N, 28) and the
+    row's ink mass (N, 28, float64; 0 for a row without ink, whose columns mean nothing).
+
+    It depends on the digit alone, so the training loop computes it once for its digits (``Warp.digit_table``)
+    instead of once per batch."""
+    img = _np(x_cpu).reshape(len(x_cpu), DIGIT, DIGIT)
     has = img > 0
+    first, last = has.argmax(2), DIGIT - 1 - has[:, :, ::-1].argmax(2)  # argmax: the first True
+    return {"ink_first": torch.from_numpy(first.astype(np.uint8)), "ink_last": torch.from_numpy(last.astype(np.uint8)),
+            "ink_mass": torch.from_numpy(img.sum(2, dtype=np.float64))}
+
+
+def _ink_rows(table: dict, align_corners: bool):
+    """The rows of ``ink_rows_table`` as the normalised (x, y) of their first and last ink pixel
+    (N, 28, 2, 2), and their mass (N, 28)."""
     centres = _pixel_centres(align_corners)[:DIGIT, 0]  # normalised x of the columns (= y of the rows)
-    first, last = centres[has.argmax(2)], centres[DIGIT - 1 - has[:, :, ::-1].argmax(2)]  # argmax: the first True
-    ys = np.broadcast_to(centres[:, None], (n, DIGIT, 2))
-    ends = np.stack([np.stack([first, last], -1), ys], -1)
-    return ends, img.sum(2, dtype=np.float64)
+    first, last, mass = (_np(table[k]) for k in ("ink_first", "ink_last", "ink_mass"))
+    ys = np.broadcast_to(centres[:, None], (*mass.shape, 2))
+    return np.stack([np.stack([centres[first], centres[last]], -1), ys], -1), mass
 
 
 def _front_inside(fwd, u, v, size):
@@ -227,7 +238,7 @@ def ink_kept(x_cpu, fwd, scale, ink_scale, size: int, align_corners: bool) -> to
 
 
 def _ink_accepted_np(x, fwd, scale, ink_scale, size, align_corners, floor, rows=None):
-    ends, mass = _ink_rows(x, align_corners) if rows is None else rows
+    ends, mass = _ink_rows(ink_rows_table(x), align_corners) if rows is None else rows
     p = (ink_scale[:, None, None, None] * ends + 1) / 2
     w, inside = _front_inside(fwd[:, None, None], p[..., 0], p[..., 1], size)  # (N, 28, 2)
     has = mass > 0
@@ -254,62 +265,65 @@ def ink_accepted(x_cpu, fwd, scale, ink_scale, size: int, align_corners: bool, f
     return torch.from_numpy(_ink_accepted_np(*map(_np, (x_cpu, fwd, scale, ink_scale)), size, align_corners, floor))
 
 
-def _projective_candidates(n, cfg, g, align_corners):
+def _projective_candidates(n, scale_range, sigma, corners, g, align_corners):
     """n candidate draws: scale, corner moves, and the quad (output px about the centre) they give."""
-    scale = _uniform(cfg.scale, n, g).numpy()
-    moves = (float(cfg.corner_sigma_px) * torch.randn(n, 4, 2, generator=g, dtype=DRAW)).numpy()
+    scale = _uniform(scale_range, n, g).numpy()
+    moves = (sigma * torch.randn(n, 4, 2, generator=g, dtype=DRAW)).numpy()
     frame = np.array(FRAME) / px_unit(DIGIT, align_corners)  # the digit frame's corners, px
-    quad = (frame if str(cfg.get("corners", "frame")) == "frame" else frame * scale[:, None, None]) + moves
+    quad = (frame if corners == "frame" else frame * scale[:, None, None]) + moves
     return scale, moves, quad
 
 
 MAX_REDRAW_ROUNDS = 100
 
 
-def draw_projective(x_cpu, cfg, g, align_corners, pool_len=None):
+def draw_projective(x_cpu, cfg, g, align_corners, pool_len=None, table=None):
     """P: scale about the centre by U[scale], move the 4 corners by N(0, σ²) px, warp projectively.
 
     A candidate is accepted when its quad is strictly convex and the warp keeps at least
     ``min_ink_inside`` of the scaled digit's ink inside the canvas (conf/data/p.yaml); rejected images
     get a fresh candidate, drawn for all of them at once in index order, until every image has one.
     ``corners: frame`` moves the corners of the 28×28 frame (the homography then acts on the scaled
-    digit); ``box`` moves the corners of the scaled digit's box.
+    digit); ``box`` moves the corners of the scaled digit's box. ``table``: ``ink_rows_table`` of
+    these digits, if the caller has it.
     """
     n, size = x_cpu.shape[0], int(cfg.canvas)
-    if str(cfg.get("corners", "frame")) not in ("frame", "box"):
-        raise ValueError(f"corners must be 'frame' or 'box', got {cfg.get('corners')!r}")
+    corners = str(cfg.get("corners", "frame"))
+    if corners not in ("frame", "box"):
+        raise ValueError(f"corners must be 'frame' or 'box', got {corners!r}")
     floor = float(cfg.get("min_ink_inside", 0.0))
-    scale, moves, quad = _projective_candidates(n, cfg, g, align_corners)
+    spec = ((float(cfg.scale[0]), float(cfg.scale[1])), float(cfg.corner_sigma_px), corners)  # read once
+    scale, moves, quad = _projective_candidates(n, *spec, g, align_corners)
     fwd = _square_to_quad_np(quad)
     x = _np(x_cpu) if floor > 0 else None
-    rows = _ink_rows(x, align_corners) if floor > 0 else None
+    rows = _ink_rows(ink_rows_table(x) if table is None else table, align_corners) if floor > 0 else None
     redraws = np.zeros(n)
     todo = np.arange(n)
     for _ in range(MAX_REDRAW_ROUNDS):
         ok = _convex_np(quad[todo])
         if floor > 0 and ok.any():
             conv = todo[ok]
-            ok[ok.copy()] = _ink_accepted_np(x[conv], fwd[conv], scale[conv], _ink_scale(scale[conv], cfg), size,
+            ok[ok.copy()] = _ink_accepted_np(x[conv], fwd[conv], scale[conv], _ink_scale(scale[conv], corners), size,
                                              align_corners, floor, (rows[0][conv], rows[1][conv]))
         todo = todo[~ok]
         if len(todo) == 0:
             break
         redraws[todo] += 1
-        scale[todo], moves[todo], quad[todo] = _projective_candidates(len(todo), cfg, g, align_corners)
+        scale[todo], moves[todo], quad[todo] = _projective_candidates(len(todo), *spec, g, align_corners)
         fwd[todo] = _square_to_quad_np(quad[todo])
     else:
         raise ValueError(f"P: {len(todo)} image(s) found no acceptable draw in {MAX_REDRAW_ROUNDS} rounds")
-    theta = _sampling_homography(fwd, scale, cfg, size, align_corners)
+    theta = _sampling_homography(fwd, scale, corners, size, align_corners)
     return {k: torch.from_numpy(v) for k, v in
             {"scale": scale, "corners": moves, "redraws": redraws, "theta": theta}.items()}
 
 
-def _ink_scale(scale, cfg):
+def _ink_scale(scale, corners: str):
     """Where the digit sits in the unit square mapped onto the quad: scaled for ``frame``, whole for ``box``."""
-    return scale if str(cfg.get("corners", "frame")) == "frame" else np.ones_like(scale)
+    return scale if corners == "frame" else np.ones_like(scale)
 
 
-def _sampling_homography(fwd, scale, cfg, size, align_corners):
+def _sampling_homography(fwd, scale, corners, size, align_corners):
     """θ (N, 9): output normalised → input normalised, row-major, from ``fwd`` (N, 3, 3): unit square →
     moved quad (output px), which its adjugate inverts.
 
@@ -324,7 +338,7 @@ def _sampling_homography(fwd, scale, cfg, size, align_corners):
     adj = _adjugate3(fwd)
     inv = np.stack([2 * adj[:, 0] - adj[:, 2], 2 * adj[:, 1] - adj[:, 2], adj[:, 2]], 1)  # [[2,0,-1],[0,2,-1],[0,0,1]]·adj
     inv = inv * np.array([1 / k_out, 1 / k_out, 1.0])  # columns: output normalised → px
-    inv[:, :2] /= _ink_scale(scale, cfg)[:, None, None]
+    inv[:, :2] /= _ink_scale(scale, corners)[:, None, None]
     inv = inv.reshape(-1, 9)
     norm2 = inv[:, 0] * inv[:, 0]
     for k in range(1, 9):
@@ -416,14 +430,15 @@ def apply_clutter(x, params, cfg, align_corners, pool=None):
 
 @dataclass(frozen=True)
 class Warp:
-    draw: Callable  # (x_cpu, cfg, generator, align_corners, pool_len) -> {name: CPU tensor}
+    draw: Callable  # (x_cpu, cfg, generator, align_corners, pool_len[, table]) -> {name: CPU tensor}
     apply: Callable  # (x, params on x's device, cfg, align_corners, pool) -> images
     needs_pool: bool = False  # TC crops its clutter from a pool of digits
+    digit_table: Callable | None = None  # x_cpu -> {name: (N, ...) tensor}: what draw reads of each digit (as table)
 
 
 WARPS: dict[str, Warp] = {
     "similarity": Warp(draw_similarity, apply_similarity),
-    "projective": Warp(draw_projective, apply_projective),
+    "projective": Warp(draw_projective, apply_projective, digit_table=ink_rows_table),
     "elastic": Warp(draw_elastic, apply_elastic),
     "clutter": Warp(draw_clutter, apply_clutter, needs_pool=True),
 }
@@ -438,22 +453,25 @@ def warp_of(cfg) -> Warp:
 
 
 def draw_params(x_cpu: torch.Tensor, cfg, generator: torch.Generator, align_corners: bool = False,
-                pool_len: int | None = None) -> dict[str, torch.Tensor]:
-    """Every random parameter of one batch, from a CPU generator (float64; TC's integers as int64)."""
+                pool_len: int | None = None, digit_table: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every random parameter of one batch, from a CPU generator (float64; TC's integers as int64).
+    ``digit_table``: the warp's ``digit_table`` of these digits, precomputed (else derived when needed)."""
     if generator.device.type != "cpu":
         raise ValueError("distortion parameters are drawn from a CPU generator (device-independent streams)")
-    return warp_of(cfg).draw(x_cpu, cfg, generator, align_corners, pool_len)
+    extra = {} if digit_table is None else {"table": digit_table}
+    return warp_of(cfg).draw(x_cpu, cfg, generator, align_corners, pool_len, **extra)
 
 
 def distort_batch(x: torch.Tensor, cfg, generator: torch.Generator, align_corners: bool = False,
                   clutter_pool: torch.Tensor | None = None, x_cpu: torch.Tensor | None = None,
-                  clamp: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  clamp: bool = True, digit_table: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distort a batch of digits as ``cfg`` (a conf/data/<d> node) says.
 
     x: float (N, 1, 28, 28) in [0, 1], any device and dtype. ``generator`` is a CPU generator: all
     parameters come from it on the CPU (``draw_params``), so (digits, cfg, generator state) fixes
     them on every device; only the warp runs on x's device in x's dtype. ``x_cpu``: the same digits
-    on the CPU (any dtype) for acceptance tests, to spare a device → host copy (default: ``x.cpu()``).
+    on the CPU (any dtype) for acceptance tests, to spare a device → host copy (default: ``x.cpu()``);
+    ``digit_table``: the warp's ``digit_table(x_cpu)``, if the caller keeps it for its digits.
     ``clutter_pool`` (M, 1, 28, 28), uint8 or float, on x's device: the digits TC crops its patches
     from (default: the batch itself). Returns images (N, 1, S, S) of x's dtype (in [0, 1] when
     ``clamp``; a caller that rounds to 8 bits anyway may skip it) and the parameters (CPU, float64).
@@ -465,7 +483,7 @@ def distort_batch(x: torch.Tensor, cfg, generator: torch.Generator, align_corner
     pool = (x if clutter_pool is None else clutter_pool) if warp.needs_pool else None
     if x_cpu is None:
         x_cpu = x.detach().cpu()
-    params = draw_params(x_cpu, cfg, generator, align_corners, None if pool is None else pool.shape[0])
+    params = draw_params(x_cpu, cfg, generator, align_corners, None if pool is None else pool.shape[0], digit_table)
     work = torch.promote_types(x.dtype, torch.float32)
     on_dev = {k: v.to(device=x.device, dtype=work if v.is_floating_point() else v.dtype, non_blocking=True)
               for k, v in params.items()}
