@@ -46,7 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 from src.data.datamodule import quantize as quantize_float  # noqa: E402
 from src.data.distort import CHUNK, generate_split, split_seed  # noqa: E402
 from src.data.mnist import SPLITS, load_raw  # noqa: E402
-from src.data.warps import FRAME, distort_batch, px_unit, warp_of  # noqa: E402
+from src.data.warps import FRAME, distort_batch, px_unit, recipe, warp_of  # noqa: E402
 from src.runinfo import compose_config, device_name  # noqa: E402
 from src.stn.grids import tps_control_points  # noqa: E402
 
@@ -178,7 +178,7 @@ def bench_fresh(raw: dict, batch: int = 256) -> dict:
         out = {}
         for name in FRESH:
             cfg = compose_config([f"data={name}"])
-            d, ac, size = cfg.data, bool(cfg.stn.align_corners), int(cfg.data.canvas)
+            d, ac, size = recipe(cfg.data), bool(cfg.stn.align_corners), int(cfg.data.canvas)  # as the datamodule reads it
             eye = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(batch, 2, 3).contiguous()
             make_table = warp_of(d).digit_table  # once per training set, as the datamodule does
             full = make_table(raw["train"]["images"]) if make_table else None

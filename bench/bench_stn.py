@@ -39,7 +39,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from src.data.warps import distort_batch, warp_of  # noqa: E402
+from src.data.warps import distort_batch, recipe, warp_of  # noqa: E402
 from src.runinfo import UserError, compose_config, device_name, git_commit, versions, write_atomic  # noqa: E402
 from src.stn.transformer import SpatialTransformer  # noqa: E402
 
@@ -255,7 +255,8 @@ def bench_overhead(dev, rounds: int, calls: int, distortions, models=None) -> pd
 def bench_loop(dev, steps: int, rounds: int, extra: list[str], model: str = "st_fcn",
                data: str = "r") -> tuple[pd.DataFrame, dict]:
     """``src.train``'s own Trainer (make_trainer: checkpointing, progress log, curve recorder; validation
-    off) vs a hand-written loop over the same datamodule batches (fresh distortions)."""
+    off) vs a hand-written loop over the same datamodule batches (fresh distortions), with the same
+    optimiser groups and step schedule (configure_optimizers)."""
     import tempfile
 
     import pytorch_lightning as pl
@@ -298,7 +299,8 @@ def bench_loop(dev, steps: int, rounds: int, extra: list[str], model: str = "st_
         net.load_state_dict(init)
         model_ = net.to(dev)
         dm.train_images, dm.train_labels = dm.train_images.to(dev), dm.train_labels.to(dev)
-        opt = torch.optim.SGD(model_.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+        opt_cfg = Classifier(model_, OmegaConf.to_container(cfg.optim, resolve=True), steps + 1).configure_optimizers()
+        opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]  # the same SGD groups and schedule
         t_data = t_model = 0.0
         x, y = dm.train_batch(0)  # warm-up step, not timed
         F.cross_entropy(model_(x), y).backward()
@@ -313,6 +315,7 @@ def bench_loop(dev, steps: int, rounds: int, extra: list[str], model: str = "st_
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model_(x), y).backward()
             opt.step()
+            sched.step()
             if split:
                 sync(dev)
             t2 = time.perf_counter()
@@ -336,7 +339,7 @@ def bench_loop(dev, steps: int, rounds: int, extra: list[str], model: str = "st_
     table = pd.DataFrame([
         {"loop": "Lightning (src.train's Trainer, module and datamodule)", "ms / step": 1e3 * med["lightning"],
          "steps / s": 1 / med["lightning"]},
-        {"loop": "hand-written loop, same model and batches", "ms / step": 1e3 * med["plain"], "steps / s": 1 / med["plain"]},
+        {"loop": "hand-written loop, same model, batches and optimiser", "ms / step": 1e3 * med["plain"], "steps / s": 1 / med["plain"]},
         {"loop": "  split (a separate, synchronised pass): making the batch", "ms / step": 1e3 * t_data,
          "steps / s": float("nan")},
         {"loop": "  split: model forward + backward + update", "ms / step": 1e3 * t_model, "steps / s": float("nan")},
@@ -357,8 +360,8 @@ def data_time(dev, rounds: int, calls: int, distortions, extra: list[str]) -> di
     for d in distortions:
         cfg = compose_config([*extra, f"data={d}"])
         g = torch.Generator().manual_seed(0)  # parameters are drawn on the CPU whatever the device
-        fns[d] = (lambda cfg=cfg, g=g: distort_batch(x, cfg.data, g, align_corners=False,
-                                                      clutter_pool=raw if warp_of(cfg.data).needs_pool else None))
+        fns[d] = (lambda r=recipe(cfg.data), g=g: distort_batch(x, r, g, align_corners=False,
+                                                                 clutter_pool=raw if warp_of(r).needs_pool else None))
     return race(fns, dev, rounds, calls)
 
 

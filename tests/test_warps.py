@@ -13,7 +13,7 @@ from scipy import stats
 from torch import nn
 
 from src.data.distort import generate_split, quantize, split_seed
-from src.data.warps import WARPS, distort_batch
+from src.data.warps import WARPS, Recipe, distort_batch, recipe
 from src.stn.grids import AffineGrid, base_grid
 from src.stn.transformer import SpatialTransformer
 from tests.conftest import synthetic_digits
@@ -274,3 +274,17 @@ def test_parameters_come_from_a_cpu_generator():
 def test_unknown_warp_is_refused():
     with pytest.raises(ValueError, match="data.warp must be one of"):
         run(digits(4), data_cfg("r", warp="swirl"))
+
+
+@pytest.mark.parametrize("name", ["r", "rts", "p", "e", "tc"])
+def test_a_recipe_draws_exactly_what_its_config_draws(name):
+    """The datamodule reads each distortion config once, as a plain ``Recipe``: same batches, same params."""
+    cfg = data_cfg(name)
+    r = recipe(cfg)
+    assert isinstance(r, Recipe) and recipe(r) is r and r.canvas == cfg.canvas
+    with pytest.raises(AttributeError):
+        r.no_such_key  # noqa: B018 - absent keys behave as attributes do
+    x = synthetic_digits(64, 4).double() / 255
+    a = distort_batch(x, cfg, torch.Generator().manual_seed(2))
+    b = distort_batch(x, r, torch.Generator().manual_seed(2))
+    assert torch.equal(a[0], b[0]) and all(torch.equal(a[1][k], b[1][k]) for k in a[1])

@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 
 from src.data import distort
-from src.data.warps import distort_batch, warp_of
+from src.data.warps import distort_batch, recipe, warp_of
 from src.data.mnist import load_raw
 from src.runinfo import UserError
 
@@ -77,6 +77,9 @@ class DistortedMNIST(pl.LightningDataModule):
         if loader_cfg.mode not in ("fixed", "fresh"):
             raise UserError(f"loader.mode must be 'fixed' or 'fresh', got {loader_cfg.mode!r}")
         self.data_cfg, self.loader_cfg, self.paths_cfg = data_cfg, loader_cfg, paths_cfg
+        # what every batch reads, read once (OmegaConf's checked access costs ~1 ms a step)
+        self.recipe, self.warp = recipe(data_cfg), warp_of(data_cfg)
+        self.batch_size, self.fresh = int(loader_cfg.batch_size), loader_cfg.mode == "fresh"
         self.align_corners, self.seed = align_corners, int(seed)
         self.split_dir = Path(paths_cfg.data_dir) / data_cfg.name
         self._epoch_perm: tuple[int, torch.Tensor] | None = None
@@ -112,8 +115,8 @@ class DistortedMNIST(pl.LightningDataModule):
         their acceptance tests (P) and the warp's per-digit table, computed once here."""
         self.train_images_cpu = images
         self.train_images, self.train_labels = images.to(device), labels.to(device)
-        table = warp_of(self.data_cfg).digit_table
-        self.train_digit_table = table(images) if table and self.loader_cfg.mode == "fresh" else None
+        table = self.warp.digit_table
+        self.train_digit_table = table(images) if table and self.fresh else None
 
     # ------------------------------------------------------------------ batches
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -124,17 +127,17 @@ class DistortedMNIST(pl.LightningDataModule):
         return self._epoch_perm[1]
 
     def train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        bs = self.loader_cfg.batch_size
+        bs = self.batch_size
         per_epoch = len(self.train_labels) // bs
         epoch, k = divmod(step, per_epoch)
         idx_cpu = self._perm(epoch)[k * bs:(k + 1) * bs]
         idx = idx_cpu.to(self.train_labels.device)
         x, y = to_float(self.train_images[idx]), self.train_labels[idx]
-        if self.loader_cfg.mode == "fresh":
+        if self.fresh:
             g = torch.Generator().manual_seed(step_seed(self.seed, step))  # CPU: the same stream on every device
-            pool = self.train_images if warp_of(self.data_cfg).needs_pool else None
+            pool = self.train_images if self.warp.needs_pool else None
             table = None if self.train_digit_table is None else {k: v[idx_cpu] for k, v in self.train_digit_table.items()}
-            x, _ = distort_batch(x, self.data_cfg, g, align_corners=self.align_corners, clutter_pool=pool,
+            x, _ = distort_batch(x, self.recipe, g, align_corners=self.align_corners, clutter_pool=pool,
                                  x_cpu=self.train_images_cpu[idx_cpu], clamp=False,  # quantize absorbs the clamp
                                  digit_table=table)
             x = quantize(x)
