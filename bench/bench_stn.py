@@ -469,7 +469,7 @@ def run(a: argparse.Namespace) -> None:
     print("2/4 training step, ST vs baseline …", flush=True)
     t2 = bench_overhead(dev, a.rounds, max(1, a.calls // 2), dists)
     print("3/4 Lightning vs hand-written loop …", flush=True)
-    t3, loop = bench_loop(dev, a.loop_steps, max(2, a.rounds // 2), a.set)
+    t3, loop = bench_loop(dev, a.loop_steps, max(5, a.rounds), a.set)
     print("4/4 whole grid …", flush=True)
     data_s = data_time(dev, a.rounds, a.calls, dists, a.set)
     per_cell, grid = project_grid(t2, data_s, loop)
@@ -491,7 +491,7 @@ def run(a: argparse.Namespace) -> None:
         + ", ".join(f"{k} {val}" for k, val in v.items()) + f". Commit {git_commit()[:10]}. Batch {BATCH}, "
         f"float32; every ratio comes from interleaved rounds of the two sides in this one run, as the "
         f"median over rounds (sections 1 and 4: {a.rounds} rounds × {a.calls} calls; section 2: {a.rounds} "
-        f"rounds × {max(1, a.calls // 2)} steps; section 3: {max(2, a.rounds // 2)} loops of {a.loop_steps} steps each).",
+        f"rounds × {max(1, a.calls // 2)} steps; section 3: {max(5, a.rounds)} loops of {a.loop_steps} steps each).",
         "",
         "## 1. Transformer forward + backward (grid generator + bilinear sampler)",
         "",

@@ -131,22 +131,34 @@ def plot_curves(grid: dict, df: pd.DataFrame, reports: Path, path: Path) -> None
     save_figure(fig, path, dpi=110)
 
 
-def plot_invariance(grid: dict, records: dict, data_dir: Path, path: Path) -> None:
-    """Test error binned by the recorded distortion strength (R: angle, RTS: scale, P: corner displacement),
-    baselines against their ST models, every seed of a cell pooled."""
+def invariance(grid: dict, records: dict, data_dir: Path) -> pd.DataFrame:
+    """Test error binned by the recorded distortion strength (R: angle, RTS: scale, P: corner
+    displacement), every model with a record, every seed of a cell pooled: columns data, model,
+    lo, hi, mid, n (test images per bin), seeds, err."""
+    frames = []
+    for data in (d for d in INVARIANCE if d in grid["distortions"]):
+        for model in grid["models"]:
+            recs = [records[k] for s in grid["seeds"] if (k := cell_name(model, data, s)) in records]
+            if recs:
+                split = test_split(str(data_dir), data)  # cached
+                ok = torch.cat([correct(r, split) for r in recs])
+                b = binned_error(ok, INVARIANCE[data][1](split["params"]).repeat(len(recs)))
+                frames.append(b.assign(data=data, model=model, seeds=len(recs), n=b.n // len(recs)))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["data", "model", "lo", "hi", "mid", "n", "seeds", "err"])
+
+
+def plot_invariance(grid: dict, inv: pd.DataFrame, path: Path) -> None:
+    """``invariance`` of the baselines against their ST models, one panel per distortion."""
     panels = [d for d in INVARIANCE if d in grid["distortions"]]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 3.6), squeeze=False)
     for ax, data in zip(axes[0], panels):
-        label, values = INVARIANCE[data]
+        label = INVARIANCE[data][0]
         for model in (m for pair in BASELINE_PAIRS for m in pair if m in grid["models"]):
-            recs = [records[k] for s in grid["seeds"] if (k := cell_name(model, data, s)) in records]
-            if not recs:
-                continue
-            split = test_split(str(data_dir), data)
-            ok = torch.cat([correct(r, split) for r in recs])
-            b = binned_error(ok, values(split["params"]).repeat(len(recs)))
-            ax.plot(b.mid, b.err, marker="o", label=f"{ROW_LABELS[model]} (n={len(recs)})",
-                    ls="-" if model.startswith("st_") else "--")
+            b = inv[(inv.data == data) & (inv.model == model)]
+            if len(b):
+                ax.plot(b.mid, b.err, marker="o", label=f"{ROW_LABELS[model]} (n={int(b.seeds.iloc[0])})",
+                        ls="-" if model.startswith("st_") else "--")
         ax.set_title(f"{data.upper()}: test error by {label.split(' (')[0]}")
         ax.set_xlabel(label)
         ax.set_ylabel("test error %")
@@ -157,6 +169,24 @@ def plot_invariance(grid: dict, records: dict, data_dir: Path, path: Path) -> No
             ax.text(0.5, 0.5, "no baseline / ST cell run yet", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
+
+
+def invariance_tables(inv: pd.DataFrame) -> list[str]:
+    """One markdown table per distortion: a row per bin, a column per model (test error %)."""
+    out = []
+    for data, d in inv.groupby("data", sort=False):
+        wide = d.pivot_table(index=["lo", "hi", "n"], columns="model", values="err").reset_index()
+        width = float((wide.hi - wide.lo).iloc[0])
+        digits = 0 if width >= 5 else 1 if width >= 0.5 else 2
+
+        def edge(v: float) -> str:
+            return f"{round(v, digits) + 0.0:.{digits}f}"  # + 0.0: no "-0"
+        table = pd.DataFrame({
+            INVARIANCE[data][0]: [f"{edge(lo)} – {edge(hi)}" for lo, hi in zip(wide.lo, wide.hi)],
+            "images": wide.n.astype(int),
+            **{ROW_LABELS[m]: wide[m].round(2) for m in ROW_LABELS if m in wide.columns}})
+        out += [f"**{data.upper()}**", "", table.to_markdown(index=False), ""]
+    return out
 
 
 N_DRAWN = 8  # test images per learned-transform figure (the first ones of the test set)
@@ -248,7 +278,8 @@ def short_table(short: pd.DataFrame, grid: dict, seed_report: dict) -> pd.DataFr
 
 
 def render(df, grid, counts, refs: dict, profile_steps: int, table_ckpt: str, thetas: pd.DataFrame,
-           drawn: list[str], short: pd.DataFrame, short_grid: dict | None, short_steps: int) -> str:
+           drawn: list[str], short: pd.DataFrame, short_grid: dict | None, short_steps: int,
+           inv: pd.DataFrame) -> str:
     steps_run = sorted({int(s) for s in df[df.run].steps}) if df.run.any() else []
     budget_note = ", ".join(f"{s:,}" for s in steps_run) or "none yet"
     reduced = [s for s in steps_run if s < PAPER_STEPS]
@@ -313,6 +344,12 @@ def render(df, grid, counts, refs: dict, profile_steps: int, table_ckpt: str, th
         "frame on the input, the transformer's output; caption: label, prediction): "
         + (", ".join(f"[{k}](figures/transforms/{k}.png)" for k in drawn) or "_no ST cell run yet_") + ".",
         "",
+        "## Test error by distortion strength",
+        "",
+        "The data of the figure above, for every model run: test error % in 12 equal-width bins of the "
+        "recorded test-set parameter (seeds pooled; `images`: test images per bin).",
+        "",
+        *(invariance_tables(inv) or ["_no R, RTS or P cell run yet_", ""]),
         "## θ on the test set",
         "",
         "From each ST cell's record (first seed): mean |θ − identity| (`theta_dev`), the fraction of sampling "
@@ -355,14 +392,15 @@ def aggregate(root: Path = REPO) -> pd.DataFrame:
     short, short_records = collect(short_grid, reports / "short") if short_grid else (pd.DataFrame(columns=COLUMNS), {})
     counts = param_counts(grid)
     plot_curves(grid, df, reports, reports / "figures" / "curves.png")
-    plot_invariance(grid, records, data_dir, reports / "figures" / "invariance.png")
+    inv = invariance(grid, records, data_dir)
+    plot_invariance(grid, inv, reports / "figures" / "invariance.png")
     drawn = draw_learned_transforms({**records, **{f"short-{k}": r for k, r in short_records.items()}}, data_dir,
                                     reports / "figures" / "transforms")
     thetas = theta_table(grid, records, data_dir)
     write_atomic(reports / "results.csv", pd.concat([df.assign(profile=grid["profile"]),
                                                      short.assign(profile="short")]).to_csv(index=False))
     write_atomic(reports / "results.md", render(df, grid, counts, refs, steps[grid["profile"]], table_ckpt, thetas,
-                                                drawn, short, short_grid, steps["short"]))
+                                                drawn, short, short_grid, steps["short"], inv))
     write_json(reports / "summary.json", summary(df, short))
     return df
 

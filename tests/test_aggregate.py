@@ -131,6 +131,15 @@ def test_aggregate_builds_table_and_figures_from_records_and_ignores_stale(tmp_p
         assert (root / "reports/figures" / name).stat().st_size > 1000, name
     drawn = sorted(p.stem for p in (root / "reports/figures/transforms").glob("*.png"))
     assert drawn == sorted([cell_name("st_fcn", "r", 0), "short-" + cell_name("st_cnn", "r", 0)])
+    inv = md.split("## Test error by distortion strength")[1].split("## θ on")[0]
+    r_rows = [line.split("|") for line in inv.split("**R**")[1].split("**RTS**")[0].splitlines()
+              if line.startswith("| ") and "images" not in line]
+    assert len(r_rows) == 12 and sum(int(r[2]) for r in r_rows) == N_TEST  # images per bin, not per seed
+    head = inv.split("**R**")[1].splitlines()[2]
+    assert "FCN" in head and "ST-FCN Aff" in head and "ST-FCN TPS" not in head  # unfinished cells are not shown
+    # the FCN's two seeds (2 % and 4 % of the test images wrong) pooled, across the bins
+    fcn = sum(float(r[3]) * int(r[2]) for r in r_rows) / N_TEST
+    assert abs(fcn - 50 * (round(0.02 * N_TEST) + round(0.04 * N_TEST)) / N_TEST) < 0.05
     thetas = md.split("## θ on the test set")[1].split("## Cells more")[0]
     assert cell_name("st_fcn", "r", 0) in thetas and "r(rotation, angle)" in thetas
 
