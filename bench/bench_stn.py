@@ -354,14 +354,18 @@ def data_time(dev, rounds: int, calls: int, distortions, extra: list[str]) -> di
     """Seconds to draw one fresh training batch per distortion (the `fresh` loader's extra work)."""
     from src.data.mnist import load_raw
 
-    raw = load_raw(Path(compose_config(extra).paths.raw_file))["train"]["images"][: 4 * BATCH].to(dev)
+    raw_cpu = load_raw(Path(compose_config(extra).paths.raw_file))["train"]["images"][: 4 * BATCH]
+    raw = raw_cpu.to(dev)
     x = raw[:BATCH].float() / 255
     fns = {}
     for d in distortions:
         cfg = compose_config([*extra, f"data={d}"])
-        g = torch.Generator().manual_seed(0)  # parameters are drawn on the CPU whatever the device
-        fns[d] = (lambda r=recipe(cfg.data), g=g: distort_batch(x, r, g, align_corners=False,
-                                                                 clutter_pool=raw if warp_of(r).needs_pool else None))
+        r, g = recipe(cfg.data), torch.Generator().manual_seed(0)  # parameters are drawn on the CPU on every device
+        table = warp_of(r).digit_table  # as the datamodule: computed once for its digits, sliced per batch
+        table = table(raw_cpu) if table else None
+        fns[d] = (lambda r=r, g=g, table=table: distort_batch(
+            x, r, g, align_corners=False, clutter_pool=raw if warp_of(r).needs_pool else None, x_cpu=raw_cpu[:BATCH],
+            digit_table=None if table is None else {k: v[:BATCH] for k, v in table.items()}))
     return race(fns, dev, rounds, calls)
 
 
@@ -469,7 +473,7 @@ def run(a: argparse.Namespace) -> None:
     print("2/4 training step, ST vs baseline …", flush=True)
     t2 = bench_overhead(dev, a.rounds, max(1, a.calls // 2), dists)
     print("3/4 Lightning vs hand-written loop …", flush=True)
-    t3, loop = bench_loop(dev, a.loop_steps, max(5, a.rounds), a.set)
+    t3, loop = bench_loop(dev, a.loop_steps, a.rounds, a.set)
     print("4/4 whole grid …", flush=True)
     data_s = data_time(dev, a.rounds, a.calls, dists, a.set)
     per_cell, grid = project_grid(t2, data_s, loop)
@@ -491,7 +495,7 @@ def run(a: argparse.Namespace) -> None:
         + ", ".join(f"{k} {val}" for k, val in v.items()) + f". Commit {git_commit()[:10]}. Batch {BATCH}, "
         f"float32; every ratio comes from interleaved rounds of the two sides in this one run, as the "
         f"median over rounds (sections 1 and 4: {a.rounds} rounds × {a.calls} calls; section 2: {a.rounds} "
-        f"rounds × {max(1, a.calls // 2)} steps; section 3: {max(5, a.rounds)} loops of {a.loop_steps} steps each).",
+        f"rounds × {max(1, a.calls // 2)} steps; section 3: {a.rounds} loops of {a.loop_steps} steps each).",
         "",
         "## 1. Transformer forward + backward (grid generator + bilinear sampler)",
         "",

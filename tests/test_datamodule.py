@@ -52,9 +52,14 @@ def test_a_second_setup_on_the_same_device_loads_nothing(synthetic_data, monkeyp
     dm = module(synthetic_data)
     dm.setup("fit")
     first = dm.train_batch(2)
+    load_split = dm.load_split
     monkeypatch.setattr(dm, "load_split", lambda split: pytest.fail(f"{split} loaded twice"))
     dm.setup("fit")
     assert torch.equal(first[0], dm.train_batch(2)[0])
+    loaded = []
+    monkeypatch.setattr(dm, "load_split", lambda split: loaded.append(split) or load_split(split))
+    dm.setup("test")  # another stage loads again
+    assert loaded == ["val", "test"]
 
 
 def test_fresh_batches_are_quantised_like_the_stored_sets(synthetic_data):

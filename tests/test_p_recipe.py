@@ -93,21 +93,45 @@ def test_no_non_convex_or_mostly_outside_draw_survives():
     assert not quad_is_convex(first).all() and off.min_ink_inside == 0 and s0.shape == (400,)
 
 
-def test_a_precomputed_digit_table_gives_the_same_draws():
+def test_the_ink_table_matches_a_row_by_row_oracle():
+    x = (digits(50, 9) * 255).round().to(torch.uint8)
+    x[0] = 0  # a blank digit
+    x[1, 0, :, 1:] = 0  # ink only in column 0
+    x[2, 0, :, :-1] = 0  # ink only in column 27
+    t = ink_rows_table(x)
+    for i in range(len(x)):
+        for r in range(DIGIT):
+            row = x[i, 0, r]
+            cols = torch.nonzero(row).flatten().tolist()
+            assert float(t["ink_mass"][i, r]) == float(row.double().sum())
+            if cols:
+                assert (int(t["ink_first"][i, r]), int(t["ink_last"][i, r])) == (cols[0], cols[-1])
+    assert torch.equal(ink_rows_table(x.double() / 255)["ink_first"], t["ink_first"])  # any dtype of the digits
+
+
+@pytest.mark.parametrize("corners", ["frame", "box"])
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("cpu_dtype", [torch.uint8, torch.float64])
+def test_a_precomputed_digit_table_gives_the_same_draws(corners, align_corners, cpu_dtype):
     """Training computes P's per-row ink table once for its digits and slices it per batch; the draws
     must be exactly those of the table derived from the batch itself."""
     pool = (digits(600, 7) * 255).round().to(torch.uint8)
-    cfg = p_cfg(corner_sigma_px=9.0)
+    pool[:5] = 0  # blank digits: every row empty
+    cfg = p_cfg(corner_sigma_px=9.0, corners=corners)
     assert warp_of(cfg).digit_table is ink_rows_table
     full = ink_rows_table(pool)
-    for step in range(4):
+    for step in range(3):
         idx = torch.randperm(600, generator=torch.Generator().manual_seed(step))[:200]
+        idx[0] = 0
         x = pool[idx].double() / 255
+        x_cpu = pool[idx] if cpu_dtype == torch.uint8 else x
         table = {k: v[idx] for k, v in full.items()}
-        a = distort_batch(x, cfg, torch.Generator().manual_seed(step), x_cpu=pool[idx], digit_table=table)
-        b = distort_batch(x, cfg, torch.Generator().manual_seed(step), x_cpu=pool[idx])
+        a = distort_batch(x, cfg, torch.Generator().manual_seed(step), align_corners, x_cpu=x_cpu, digit_table=table)
+        b = distort_batch(x, cfg, torch.Generator().manual_seed(step), align_corners, x_cpu=x_cpu)
         assert torch.equal(a[0], b[0]) and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
         assert a[1]["redraws"].sum() > 0
+    with pytest.raises(ValueError, match="digit table has 199 rows for 200 digits"):
+        distort_batch(x, cfg, torch.Generator(), align_corners, x_cpu=x_cpu, digit_table={k: v[1:] for k, v in table.items()})
 
 
 def test_redraws_are_deterministic_and_keep_accepted_first_draws():

@@ -78,7 +78,10 @@ class DistortedMNIST(pl.LightningDataModule):
             raise UserError(f"loader.mode must be 'fixed' or 'fresh', got {loader_cfg.mode!r}")
         self.data_cfg, self.loader_cfg, self.paths_cfg = data_cfg, loader_cfg, paths_cfg
         # what every batch reads, read once (OmegaConf's checked access costs ~1 ms a step)
-        self.recipe, self.warp = recipe(data_cfg), warp_of(data_cfg)
+        try:
+            self.recipe, self.warp = recipe(data_cfg), warp_of(data_cfg)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         self.batch_size, self.fresh = int(loader_cfg.batch_size), loader_cfg.mode == "fresh"
         self.align_corners, self.seed = align_corners, int(seed)
         self.split_dir = Path(paths_cfg.data_dir) / data_cfg.name
@@ -103,7 +106,7 @@ class DistortedMNIST(pl.LightningDataModule):
             d = self.load_split(split)
             setattr(self, split, (d["images"].to(dev), d["labels"].to(dev), d.get("params", {})))
         if stage in ("fit", None):
-            if self.loader_cfg.mode == "fixed":
+            if not self.fresh:
                 d = self.load_split("train")
             else:
                 d = load_raw(Path(self.paths_cfg.raw_file))["train"]
@@ -113,6 +116,7 @@ class DistortedMNIST(pl.LightningDataModule):
     def set_train(self, images: torch.Tensor, labels: torch.Tensor, device=torch.device("cpu")) -> None:
         """The training digits (uint8, CPU) and labels; fresh draws also keep the digits on the CPU for
         their acceptance tests (P) and the warp's per-digit table, computed once here."""
+        images, labels = images.cpu(), labels.cpu()
         self.train_images_cpu = images
         self.train_images, self.train_labels = images.to(device), labels.to(device)
         table = self.warp.digit_table
@@ -144,7 +148,7 @@ class DistortedMNIST(pl.LightningDataModule):
         return x, y
 
     def train_dataloader(self):
-        per_epoch = len(self.train_labels) // self.loader_cfg.batch_size
+        per_epoch = len(self.train_labels) // self.batch_size
         if per_epoch < 1:
             raise UserError(f"training set of {len(self.train_labels)} images is smaller than one batch")
         return TrainBatches(per_epoch, self.train_batch, lambda: self.trainer.global_step if self.trainer else 0)

@@ -3,7 +3,7 @@
 A distortion is chosen by the ``warp`` key of its config (conf/data/<d>.yaml) through ``WARPS``; R and
 RTS are one warp (``similarity``) with different keys. Each warp has two halves:
 
-- ``draw(x_cpu, cfg, g, align_corners, pool_len)``: every random parameter of a batch, drawn from a
+- ``draw(x_cpu, cfg, g, align_corners, pool_len[, table])``: every random parameter of a batch, drawn from a
   **CPU** ``torch.Generator`` in float64 (integers for TC) in a fixed order, plus the sampling matrix
   built from them. Acceptance tests (P's redraws) run here too, on the CPU digits; what they read of
   each digit alone a warp may name as its ``digit_table``, which the training loop computes once for
@@ -73,7 +73,7 @@ class Recipe(dict):
 
 
 def recipe(cfg) -> Recipe:
-    """``cfg`` (a conf/data node or a mapping) as a ``Recipe``; one already is is returned as is."""
+    """``cfg`` (a conf/data node or a flat mapping) as a ``Recipe``; a ``Recipe`` is returned unchanged."""
     if isinstance(cfg, Recipe):
         return cfg
     return Recipe(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg)
@@ -319,6 +319,8 @@ def draw_projective(x_cpu, cfg, g, align_corners, pool_len=None, table=None):
     fwd = _square_to_quad_np(quad)
     x = _np(x_cpu) if floor > 0 else None
     rows = _ink_rows(ink_rows_table(x) if table is None else table, align_corners) if floor > 0 else None
+    if rows is not None and len(rows[1]) != n:
+        raise ValueError(f"the digit table has {len(rows[1])} rows for {n} digits")
     redraws = np.zeros(n)
     todo = np.arange(n)
     for _ in range(MAX_REDRAW_ROUNDS):
@@ -481,8 +483,9 @@ def draw_params(x_cpu: torch.Tensor, cfg, generator: torch.Generator, align_corn
     if generator.device.type != "cpu":
         raise ValueError("distortion parameters are drawn from a CPU generator (device-independent streams)")
     cfg = recipe(cfg)
-    extra = {} if digit_table is None else {"table": digit_table}
-    return warp_of(cfg).draw(x_cpu, cfg, generator, align_corners, pool_len, **extra)
+    warp = warp_of(cfg)
+    extra = {"table": digit_table} if digit_table is not None and warp.digit_table else {}  # else it reads none
+    return warp.draw(x_cpu, cfg, generator, align_corners, pool_len, **extra)
 
 
 def distort_batch(x: torch.Tensor, cfg, generator: torch.Generator, align_corners: bool = False,
