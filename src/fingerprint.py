@@ -2,8 +2,10 @@
 
 ``python -m src.fingerprint`` trains every model of the grid for a few hundred steps on a small
 synthetic digit set under every distortion, through the same pieces a cell uses (the stage's
-generator, fresh draws of the datamodule, the network builder, ``Classifier.training_step``, its
-optimiser and schedule), and hashes the final weights and the logits of a fixed distorted batch.
+generator, fresh draws of the datamodule, the network builder, ``Classifier.loss``, its optimiser
+and schedule, stepped as ``Classifier.training_step`` steps them; tests/test_train.py shows that
+Lightning's loop computes exactly this), and hashes the final weights and the logits of a fixed
+distorted batch.
 ``src/fingerprint.json`` holds the committed hashes; ``tests/test_fingerprint.py`` compares.
 
 A change that keeps every hash leaves every result bit-identical, so committed cells may be

@@ -230,3 +230,37 @@ def test_literal_reading_is_one_override_away():
     # nothing else differs: the two keys set, the whole config equal
     literal.optim.momentum, literal.loader.mode = default.optim.momentum, default.loader.mode
     assert literal == default
+
+
+def test_the_lightning_loop_computes_exactly_the_written_out_step(smoke, tmp_path):
+    """Lightning's loop around the module adds nothing to the arithmetic: its weights after crossing an
+    epoch boundary and two validations equal those of the plain loop the result fingerprint runs."""
+    from src.data.datamodule import DistortedMNIST
+    from src.train import make_trainer, quiet_lightning
+
+    cfg = cfg_for(*smoke, "model=st_fcn", "loader.batch_size=64", "trainer.max_steps=40",
+                  "trainer.val_check_interval=20")  # 2000 digits: an epoch of 31 steps
+    torch.manual_seed(cfg.seed)
+    net, _ = build_model(cfg)
+    plain_net = build_model(cfg)[0]
+    plain_net.load_state_dict(net.state_dict())
+    optim = dict(cfg.optim)
+
+    quiet_lightning(True)
+    dm = DistortedMNIST(cfg.data, cfg.loader, cfg.paths, bool(cfg.stn.align_corners), cfg.seed)
+    trainer = make_trainer(cfg, tmp_path / "ckpt", [], "loop")
+    trainer.fit(Classifier(net, optim, 40), datamodule=dm)
+    assert trainer.global_step == 40
+
+    plain = Classifier(plain_net, optim, 40)
+    opt_cfg = plain.configure_optimizers()
+    opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+    dm2 = DistortedMNIST(cfg.data, cfg.loader, cfg.paths, bool(cfg.stn.align_corners), cfg.seed)
+    dm2.setup("fit")
+    for step in range(40):
+        opt.zero_grad(set_to_none=True)
+        plain.loss(dm2.train_batch(step)).backward()
+        opt.step()
+        sched.step()
+    a, b = net.state_dict(), plain_net.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
