@@ -37,8 +37,8 @@ DEVIATION = 1.3  # flag cells worse than the paper by more than 30 % relative
 PAPER_STEPS = 150_000  # only cells trained at the paper's budget are compared with its numbers
 
 
-COLUMNS = ["model", "distortion", "seed", "key", "run", "test_err", "test_err_last", "test_err_best", "val_err_best",
-           "n_params", "steps", "device", "hours", "commit"]
+COLUMNS = ["model", "distortion", "seed", "key", "run", "test_err", "test_err_last", "test_err_best", "val_err_last",
+           "val_err_best", "n_params", "steps", "device", "hours", "commit"]
 
 
 def collect(grid: dict, reports: Path) -> tuple[pd.DataFrame, dict]:
@@ -54,7 +54,8 @@ def collect(grid: dict, reports: Path) -> tuple[pd.DataFrame, dict]:
                     m, p = rec.metrics, rec.provenance
                     records[key] = rec
                     row.update(test_err=m["test"]["err"], test_err_last=m["test"]["err_last"],
-                               test_err_best=m["test"]["err_best"], val_err_best=m["val"]["err_best"],
+                               test_err_best=m["test"]["err_best"], val_err_last=m["val"]["err_last"],
+                               val_err_best=m["val"]["err_best"],
                                n_params=m["params"]["n"], steps=m["steps"], device=p.get("device", "?"),
                                hours=round(p.get("fit_seconds", float("nan")) / 3600, 2),
                                commit=str(p.get("commit", "?"))[:10])
@@ -254,10 +255,11 @@ def summary(df: pd.DataFrame, short: pd.DataFrame) -> dict:
 
 def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     done = df[df.run].copy()
-    cols = ["key", "test_err", "test_err_last", "test_err_best", "val_err_best", "n_params", "steps", "hours",
-            "device", "commit"]
+    cols = ["key", "test_err", "test_err_last", "test_err_best", "val_err_last", "val_err_best", "n_params", "steps",
+            "hours", "device", "commit"]
     return done[cols].rename(columns={"key": "cell", "test_err": "test err %", "test_err_last": "last",
-                                      "test_err_best": "best-val ckpt", "val_err_best": "best val err %",
+                                      "test_err_best": "best-val ckpt", "val_err_last": "val err % (last)",
+                                      "val_err_best": "best val err %",
                                       "n_params": "params", "hours": "fit hours"})
 
 

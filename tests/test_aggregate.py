@@ -65,7 +65,7 @@ def fake_cell(root, model: str, data: str, seed: int, err: float, steps: int = 1
     """A complete record: metrics, provenance with its config, raw outcomes with `err` % wrong predictions."""
     key = cell_name(model, data, seed)
     metrics = {"test": {"err": err, "err_last": err, "err_best": err + 0.1, "loss_last": 0.1},
-               "val": {"err_last": err, "err_best": err - 0.1}, "params": {"n": 118_000, "classifier": 0, "st": 0,
+               "val": {"err_last": err - 0.05, "err_best": err - 0.1}, "params": {"n": 118_000, "classifier": 0, "st": 0,
                                                                           "budget": 118_282}, "steps": steps}
     base = root / reports
     (base / "metrics").mkdir(parents=True, exist_ok=True)
@@ -140,6 +140,10 @@ def test_aggregate_builds_table_and_figures_from_records_and_ignores_stale(tmp_p
     # the FCN's two seeds (2 % and 4 % of the test images wrong) pooled, across the bins
     fcn = sum(float(r[3]) * int(r[2]) for r in r_rows) / N_TEST
     assert abs(fcn - 50 * (round(0.02 * N_TEST) + round(0.04 * N_TEST)) / N_TEST) < 0.05
+    cells = md.split("## Every cell that was run")[1]
+    head, row = [[c.strip() for c in line.split("|")[1:-1]] for line in cells.splitlines()
+                 if line.startswith("| cell") or line.startswith(f"| {cell_name('fcn', 'r', 0)} ")]
+    assert dict(zip(head, row))["val err % (last)"] == "1.95" and dict(zip(head, row))["best val err %"] == "1.9"
     thetas = md.split("## θ on the test set")[1].split("## Cells more")[0]
     assert cell_name("st_fcn", "r", 0) in thetas and "r(rotation, angle)" in thetas
 
