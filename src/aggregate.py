@@ -357,9 +357,13 @@ def render(df, grid, counts, refs: dict, profile_steps: int, table_ckpt: str, th
         "From each ST cell's record (first seed): mean |θ − identity| (`theta_dev`), the fraction of sampling "
         "points outside the input (`outside`); for aff/proj the mean determinant, zoom (√|det|), |rotation| and "
         "shift, and the Pearson r of the recovered rotation with the digit's angle and of the zoom with its "
-        "scale (where the data record them); for tps the mean and largest control-point offset.",
+        "scale (where the data record them); for proj the fraction of clamped perspective divides (`clamped`) and "
+        "the perspective |h31| + |h32| (the most the divisor w = h31·x + h32·y + 1 changes over the frame; 0 "
+        "for an affine map), with its Pearson r with P's largest corner displacement; for tps the mean and "
+        "largest control-point offset.",
         "",
-        thetas.to_markdown(index=False) if len(thetas) else "_no ST cell run yet_",
+        thetas.astype(object).where(thetas.notna(), None).to_markdown(index=False, missingval="–")
+        if len(thetas) else "_no ST cell run yet_",
         "",
         f"## Cells more than {int(round(100 * (DEVIATION - 1)))} % (relative) worse than the paper",
         "",

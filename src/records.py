@@ -110,7 +110,8 @@ def transformer(rec: Record):
 @torch.no_grad()
 def theta_summary(rec: Record, split: dict) -> dict[str, float]:
     """θ statistics of the whole test set (the transform's own statistics), plus, where the data record
-    the rotation angle or the scale, how closely the affine part follows them (Pearson r)."""
+    the rotation angle or the scale, how closely the affine part follows them (Pearson r), and for a
+    projective θ how much perspective it uses and how that follows P's corner displacement."""
     from src.stn.grids import rotation_deg
 
     st, theta = transformer(rec), rec.theta
@@ -122,4 +123,10 @@ def theta_summary(rec: Record, split: dict) -> dict[str, float]:
         if "scale" in params and float(params["scale"].std()) > 0:
             zoom = torch.linalg.det(theta[:, [0, 1, 3, 4]].view(-1, 2, 2)).abs().sqrt()
             out["r(zoom, scale)"] = float(torch.corrcoef(torch.stack([zoom, params["scale"].float()]))[0, 1])
+    if theta.shape[1] == 8:  # projective: w = h31·x + h32·y + 1 changes by up to |h31| + |h32| over [-1, 1]²
+        persp = theta[:, 6:].abs().sum(1)
+        out["perspective"] = float(persp.mean())
+        if "corners" in params:
+            moved = INVARIANCE["p"][1](params).float()
+            out["r(perspective, corners)"] = float(torch.corrcoef(torch.stack([persp, moved]))[0, 1])
     return out

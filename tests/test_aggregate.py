@@ -187,3 +187,20 @@ def test_decision_table_replaces_its_own_block_only(tmp_path, monkeypatch):
     assert text.count("### fcn on R") == 1 and text.count("### st_fcn on R") == 1
     fcn_block = text.split("### fcn on R")[1].split("###")[0]
     assert "momentum 0.9, `loader.mode=fixed`" in fcn_block and "python -m src.decide model=fcn" in fcn_block
+
+
+def test_theta_summary_reads_the_perspective_of_projective_theta():
+    from src.records import Record, theta_summary
+
+    cfg = OmegaConf.to_container(compose_config(["model=st_fcn_proj", "data=p"]), resolve=True)
+    corners = torch.rand(N_TEST, 4, 2) * 8  # the largest corner displacement is what the report bins P by
+    moved = corners.norm(dim=-1).amax(-1)
+    theta = torch.tensor([1.0, 0, 0, 0, 1, 0, 0, 0]).repeat(N_TEST, 1)
+    theta[:, 6], theta[:, 7] = 0.01 * moved, -0.005 * moved  # |h31| + |h32| = 0.015 × displacement
+    rec = Record("p", {}, {"config": cfg}, {"pred": torch.zeros(N_TEST, dtype=torch.uint8), "theta": theta.half()})
+    out = theta_summary(rec, {"params": {"corners": corners}})
+    assert abs(out["perspective"] - 0.015 * float(moved.mean())) < 1e-3
+    assert out["r(perspective, corners)"] > 0.999 and out["det"] == 1.0 and out["clamped"] == 0.0
+    affine = theta_summary(Record("a", {}, {"config": {**cfg, "model": {**cfg["model"], "transform": "aff"}}},
+                                  {"pred": rec.outcomes["pred"], "theta": theta[:, :6].half()}), {"params": {}})
+    assert "perspective" not in affine
