@@ -123,7 +123,7 @@ def theta_summary(rec: Record, split: dict) -> dict[str, float]:
         if "scale" in params and float(params["scale"].std()) > 0:
             zoom = torch.linalg.det(theta[:, [0, 1, 3, 4]].view(-1, 2, 2)).abs().sqrt()
             out["r(zoom, scale)"] = float(torch.corrcoef(torch.stack([zoom, params["scale"].float()]))[0, 1])
-    if theta.shape[1] == 8:  # projective: w = h31·x + h32·y + 1 changes by up to |h31| + |h32| over [-1, 1]²
+    if st.grid.name == "proj":  # w = h31·x + h32·y + 1 changes by up to |h31| + |h32| over [-1, 1]²
         persp = theta[:, 6:].abs().sum(1)
         out["perspective"] = float(persp.mean())
         if "corners" in params:
