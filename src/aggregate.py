@@ -279,9 +279,15 @@ def short_table(short: pd.DataFrame, grid: dict, seed_report: dict) -> pd.DataFr
     return pd.DataFrame(out).T
 
 
+def theta_markdown(thetas: pd.DataFrame) -> str:
+    """The θ table, with "–" where a transform has no such statistic."""
+    return (thetas.astype(object).where(thetas.notna(), None).to_markdown(index=False, missingval="–")
+            if len(thetas) else "_no ST cell run yet_")
+
+
 def render(df, grid, counts, refs: dict, profile_steps: int, table_ckpt: str, thetas: pd.DataFrame,
-           drawn: list[str], short: pd.DataFrame, short_grid: dict | None, short_steps: int,
-           inv: pd.DataFrame) -> str:
+           drawn: list[str], short: dict | None, inv: pd.DataFrame) -> str:
+    """results.md. ``short``: the reduced-budget grid's cells (df, grid, steps, inv, thetas), or None."""
     steps_run = sorted({int(s) for s in df[df.run].steps}) if df.run.any() else []
     budget_note = ", ".join(f"{s:,}" for s in steps_run) or "none yet"
     reduced = [s for s in steps_run if s < PAPER_STEPS]
@@ -314,19 +320,32 @@ def render(df, grid, counts, refs: dict, profile_steps: int, table_ckpt: str, th
         f"References: {refs['sources']}",
         "",
     ]
-    if short_grid:
+    if short:
         lines += [
-            f"## Reduced budget: {short_steps:,} steps (the seed report's budget)",
+            f"## Reduced budget: {short['steps']:,} steps (the seed report's budget)",
             "",
-            f"Cells of params.yaml's `short` grid, trained with `trainer=short` ({short_steps:,} steps, the same "
+            f"Cells of params.yaml's `short` grid, trained with `trainer=short` ({short['steps']:,} steps, the same "
             "schedule shape), beside the seed report's single 40k-iteration runs (affine only). They are not "
             "compared with the paper's 150k-step numbers. Each cell: **ours** (n runs) · seed report.",
             "",
-            short_table(short, short_grid, refs["seed"]).to_markdown(),
-            "",
-            cell_table(short).to_markdown(index=False) if short.run.any() else "_none run yet_",
+            short_table(short["df"], short["grid"], refs["seed"]).to_markdown(),
             "",
         ]
+        if short["df"].run.any():
+            lines += [
+                cell_table(short["df"]).to_markdown(index=False),
+                "",
+                "Validation error during training: [figures/short_curves.png](figures/short_curves.png). Test error by "
+                "distortion strength (12 equal-width bins of the recorded test-set parameter, as below):",
+                "",
+                *(invariance_tables(short["inv"]) or ["_no R, RTS or P cell run yet_", ""]),
+                "θ on the test set (the statistics of the section \"θ on the test set\" below):",
+                "",
+                theta_markdown(short["thetas"]),
+                "",
+            ]
+        else:
+            lines += ["_none run yet_", ""]
     lines += [
         "## Parameters per network",
         "",
@@ -362,8 +381,7 @@ def render(df, grid, counts, refs: dict, profile_steps: int, table_ckpt: str, th
         "for an affine map), with its Pearson r with P's largest corner displacement; for tps the mean and "
         "largest control-point offset.",
         "",
-        thetas.astype(object).where(thetas.notna(), None).to_markdown(index=False, missingval="–")
-        if len(thetas) else "_no ST cell run yet_",
+        theta_markdown(thetas),
         "",
         f"## Cells more than {int(round(100 * (DEVIATION - 1)))} % (relative) worse than the paper",
         "",
@@ -395,7 +413,8 @@ def aggregate(root: Path = REPO) -> pd.DataFrame:
     steps = {p: OmegaConf.load(root / "conf/trainer" / f"{p}.yaml").max_steps for p in (grid["profile"], "short")}
     table_ckpt = OmegaConf.load(root / "conf/config.yaml").eval.table_ckpt
     df, records = collect(grid, reports)
-    short, short_records = collect(short_grid, reports / "short") if short_grid else (pd.DataFrame(columns=COLUMNS), {})
+    short_df, short_records = (collect(short_grid, reports / "short") if short_grid
+                               else (pd.DataFrame(columns=COLUMNS), {}))
     counts = param_counts(grid)
     plot_curves(grid, df, reports, reports / "figures" / "curves.png")
     inv = invariance(grid, records, data_dir)
@@ -403,11 +422,17 @@ def aggregate(root: Path = REPO) -> pd.DataFrame:
     drawn = draw_learned_transforms({**records, **{f"short-{k}": r for k, r in short_records.items()}}, data_dir,
                                     reports / "figures" / "transforms")
     thetas = theta_table(grid, records, data_dir)
+    short = None
+    if short_grid:
+        plot_curves(short_grid, short_df, reports / "short", reports / "figures" / "short_curves.png")
+        short = {"df": short_df, "grid": short_grid, "steps": steps["short"],
+                 "inv": invariance(short_grid, short_records, data_dir),
+                 "thetas": theta_table(short_grid, short_records, data_dir)}
     write_atomic(reports / "results.csv", pd.concat([df.assign(profile=grid["profile"]),
-                                                     short.assign(profile="short")]).to_csv(index=False))
+                                                     short_df.assign(profile="short")]).to_csv(index=False))
     write_atomic(reports / "results.md", render(df, grid, counts, refs, steps[grid["profile"]], table_ckpt, thetas,
-                                                drawn, short, short_grid, steps["short"], inv))
-    write_json(reports / "summary.json", summary(df, short))
+                                                drawn, short, inv))
+    write_json(reports / "summary.json", summary(df, short_df))
     return df
 
 

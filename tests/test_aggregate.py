@@ -118,6 +118,9 @@ def test_aggregate_builds_table_and_figures_from_records_and_ignores_stale(tmp_p
     assert "**Reduced budget:** cells trained for 40,000 steps" in md
     short = md.split("## Reduced budget")[1].split("## Parameters")[0]
     assert "| ST-CNN Aff | **3.50** (1) · 3.37" in short and "| CNN        | not run · 4.41" in short
+    short_bins = short.split("**R**")[1].split("θ on the test set")[0]  # by angle, the ST-CNN's 3.5 % spread over bins
+    assert [c.strip() for c in short_bins.splitlines()[2].split("|")[3:-1]] == ["ST-CNN Aff"]  # the CNN is not run
+    assert f"| {cell_name('st_cnn', 'r', 0)} |" in short.split("below):")[-1]  # its θ statistics
     flagged = md.split("worse than the paper")[1].split("What we found")[0]
     assert "FCN on R: 3.00 % vs the paper's 2.1 %" in flagged and "ST-FCN" not in flagged and "RTS" not in flagged
 
@@ -127,7 +130,7 @@ def test_aggregate_builds_table_and_figures_from_records_and_ignores_stale(tmp_p
     summary = json.loads((root / "reports/summary.json").read_text())
     assert summary["err"] == {"r": {"fcn": 3.0, "st_fcn": 1.0}, "rts": {"fcn": 20.0}}
     assert summary["cells"][cell_name("fcn", "r", 1)] == 4.0 and summary["short"] == {cell_name("st_cnn", "r", 0): 3.5}
-    for name in ("curves.png", "invariance.png", f"transforms/{cell_name('st_fcn', 'r', 0)}.png"):
+    for name in ("curves.png", "short_curves.png", "invariance.png", f"transforms/{cell_name('st_fcn', 'r', 0)}.png"):
         assert (root / "reports/figures" / name).stat().st_size > 1000, name
     drawn = sorted(p.stem for p in (root / "reports/figures/transforms").glob("*.png"))
     assert drawn == sorted([cell_name("st_fcn", "r", 0), "short-" + cell_name("st_cnn", "r", 0)])
