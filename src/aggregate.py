@@ -12,6 +12,7 @@ import argparse
 import io
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -24,7 +25,7 @@ import yaml  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from src.config import cell_name  # noqa: E402
-from src.records import INVARIANCE, binned_error, correct, load_record, test_split, theta_summary, transformer  # noqa: E402
+from src.records import INVARIANCE, N_BINS, binned_error, correct, load_record, test_split, theta_summary, transformer  # noqa: E402
 from src.runinfo import REPO, UserError, compose_config, write_atomic, write_json  # noqa: E402
 
 ROW_LABELS = {
@@ -77,23 +78,22 @@ def fmt(x: float, digits: int = 2) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def ours(df: pd.DataFrame, model: str, data: str) -> str:
+    """Our test error of one table cell: '**mean** ± std (n)' over its seeds run, or 'not run'."""
+    errs = df[(df.model == model) & (df.distortion == data) & df.run].test_err.astype(float)
+    if not len(errs):
+        return "not run"
+    return f"**{errs.mean():.2f}**" + (f" ± {errs.std(ddof=1):.2f}" if len(errs) > 1 else "") + f" ({len(errs)})"
+
+
 def table1(df: pd.DataFrame, grid: dict, paper: dict, seed_report: dict) -> pd.DataFrame:
     """Rows = models, columns = distortions; each cell 'ours mean ± std (n) · paper · seed report'."""
-    out = {}
-    for model in grid["models"]:
-        row = {}
-        for data in grid["distortions"]:
-            runs = df[(df.model == model) & (df.distortion == data) & df.run]
-            if len(runs):
-                errs = runs.test_err.astype(float)
-                ours = f"**{errs.mean():.2f}**" + (f" ± {errs.std(ddof=1):.2f}" if len(errs) > 1 else "") + f" ({len(errs)})"
-            else:
-                ours = "not run"
-            ref = [fmt(paper.get(model, {}).get(data, float("nan")), 1)]
-            ref.append(fmt(seed_report.get(model, {}).get(data, float("nan"))))
-            row[data.upper()] = f"{ours} · {ref[0]} · {ref[1]}"
-        out[ROW_LABELS.get(model, model)] = row
-    return pd.DataFrame(out).T
+    return pd.DataFrame({
+        ROW_LABELS.get(model, model): {
+            data.upper(): f"{ours(df, model, data)} · {fmt(paper.get(model, {}).get(data, float('nan')), 1)} · "
+                          f"{fmt(seed_report.get(model, {}).get(data, float('nan')))}"
+            for data in grid["distortions"]}
+        for model in grid["models"]}).T
 
 
 def save_figure(fig, path: Path, **kwargs) -> None:
@@ -109,9 +109,11 @@ def completed(df: pd.DataFrame) -> set[str]:
     return set(df.key[df.run])
 
 
-def plot_curves(grid: dict, df: pd.DataFrame, reports: Path, path: Path) -> None:
-    ds, done = grid["distortions"], completed(df)
-    fig, axes = plt.subplots(1, len(ds), figsize=(4 * len(ds), 3.4), squeeze=False)
+def plot_curves(grid: dict, df: pd.DataFrame, reports: Path, path: Path, steps: int) -> list[str]:
+    """Validation error against step of the grid's first seed, a panel per distortion, from
+    ``reports/curves/``; returns the cells drawn."""
+    ds, done, drawn = grid["distortions"], completed(df), []
+    fig, axes = plt.subplots(1, max(len(ds), 1), figsize=(4 * max(len(ds), 1), 3.4), squeeze=False)
     for ax, data in zip(axes[0], ds):
         for model in grid["models"]:
             key = cell_name(model, data, grid["seeds"][0])
@@ -120,16 +122,18 @@ def plot_curves(grid: dict, df: pd.DataFrame, reports: Path, path: Path) -> None
                 c = pd.read_csv(f)
                 ax.plot(c.step, c.val_err, label=ROW_LABELS.get(model, model),
                         ls="-" if model.startswith("st_") else "--")
-        ax.set_title(f"{data.upper()} (seed {grid['seeds'][0]})")
+                drawn.append(key)
+        ax.set_title(f"{data.upper()} (seed {grid['seeds'][0]}, {steps // 1000}k steps)")
         ax.set_xlabel("step")
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("validation error %")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    legend = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels())}  # every model once
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     save_figure(fig, path, dpi=110)
+    return drawn
 
 
 def invariance(grid: dict, records: dict, data_dir: Path) -> pd.DataFrame:
@@ -213,6 +217,10 @@ def draw_learned_transforms(records: dict, data_dir: Path, out_dir: Path) -> lis
     return drawn
 
 
+def transform_links(drawn: list[str]) -> list[str]:
+    return [f"[{k}](figures/transforms/{k}.png)" for k in drawn]
+
+
 def theta_table(grid: dict, records: dict, data_dir: Path) -> pd.DataFrame:
     """θ statistics of every ST cell's whole test set, from its record (first seed of each cell)."""
     rows = []
@@ -240,15 +248,15 @@ def deviations(df: pd.DataFrame, paper: dict) -> list[str]:
     return out
 
 
-def summary(df: pd.DataFrame, short: pd.DataFrame) -> dict:
+def summary(df: pd.DataFrame, short_df: pd.DataFrame) -> dict:
     """Metrics for `dvc metrics show/diff`: every committed cell's test error and the table's means.
     The one metrics file of the pipeline, so cells not yet run raise no warnings."""
     done = df[df.run]
     err = {d: {m: round(float(g.test_err.mean()), 4) for m, g in dd.groupby("model")} for d, dd in done.groupby("distortion")}
     out = {"cells_run": int(len(done)), "cells_total": int(len(df)), "err": err,
            "cells": {k: float(e) for k, e in zip(done.key, done.test_err)}}
-    if len(short) and short.run.any():
-        s = short[short.run]
+    if short_df.run.any():
+        s = short_df[short_df.run]
         out["short"] = {k: float(e) for k, e in zip(s.key, s.test_err)}
     return out
 
@@ -265,18 +273,11 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def short_table(short: pd.DataFrame, grid: dict, seed_report: dict) -> pd.DataFrame:
     """The reduced-budget cells beside the seed report's numbers at the same budget."""
-    out = {}
-    for model in grid["models"]:
-        row = {}
-        for data in grid["distortions"]:
-            runs = short[(short.model == model) & (short.distortion == data) & short.run]
-            ours = "not run"
-            if len(runs):
-                errs = runs.test_err.astype(float)
-                ours = f"**{errs.mean():.2f}**" + (f" ± {errs.std(ddof=1):.2f}" if len(errs) > 1 else "") + f" ({len(errs)})"
-            row[data.upper()] = f"{ours} · {fmt(seed_report.get(model, {}).get(data, float('nan')))}"
-        out[ROW_LABELS.get(model, model)] = row
-    return pd.DataFrame(out).T
+    return pd.DataFrame({
+        ROW_LABELS.get(model, model): {
+            data.upper(): f"{ours(short, model, data)} · {fmt(seed_report.get(model, {}).get(data, float('nan')))}"
+            for data in grid["distortions"]}
+        for model in grid["models"]}).T
 
 
 def theta_markdown(thetas: pd.DataFrame) -> str:
@@ -285,9 +286,20 @@ def theta_markdown(thetas: pd.DataFrame) -> str:
             if len(thetas) else "_no ST cell run yet_")
 
 
-def render(df, grid, counts, refs: dict, profile_steps: int, table_ckpt: str, thetas: pd.DataFrame,
-           drawn: list[str], short: dict | None, inv: pd.DataFrame) -> str:
-    """results.md. ``short``: the reduced-budget grid's cells (df, grid, steps, inv, thetas), or None."""
+@dataclass
+class Budget:
+    """The cells of one grid at one training budget, and what the report derives from their records."""
+    grid: dict
+    steps: int
+    df: pd.DataFrame
+    inv: pd.DataFrame  # test error by distortion strength
+    thetas: pd.DataFrame  # θ statistics of the ST cells
+    drawn: list[str]  # cells whose learned transforms are drawn (file stems under figures/transforms/)
+
+
+def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_ckpt: str) -> str:
+    """reports/results.md: the full-budget table beside the paper, then the reduced-budget cells apart."""
+    df, grid = full.df, full.grid
     steps_run = sorted({int(s) for s in df[df.run].steps}) if df.run.any() else []
     budget_note = ", ".join(f"{s:,}" for s in steps_run) or "none yet"
     reduced = [s for s in steps_run if s < PAPER_STEPS]
@@ -299,7 +311,7 @@ def render(df, grid, counts, refs: dict, profile_steps: int, table_ckpt: str, th
         "do not edit by hand.",
         "",
         f"Grid: {len(grid['models'])} models × {len(grid['distortions'])} distortions × seeds {grid['seeds']}, "
-        f"profile `{grid['profile']}` ({profile_steps:,} steps). Cells run: {int(df.run.sum())} of {len(df)}. "
+        f"profile `{grid['profile']}` ({full.steps:,} steps). Cells run: {int(df.run.sum())} of {len(df)}. "
         f"Training steps of the cells shown: {budget_note} (the paper: 150,000).",
         "",
     ]
@@ -320,32 +332,32 @@ def render(df, grid, counts, refs: dict, profile_steps: int, table_ckpt: str, th
         f"References: {refs['sources']}",
         "",
     ]
-    if short:
+    lines += [
+        f"## Reduced budget: {short.steps:,} steps (the seed report's budget)",
+        "",
+        f"Cells of params.yaml's `short` grid, trained with `trainer=short` ({short.steps:,} steps, the same "
+        "schedule shape), beside the seed report's single 40k-iteration runs (affine only). They are not "
+        "compared with the paper's 150k-step numbers. Each cell: **ours** (n runs) · seed report.",
+        "",
+        short_table(short.df, short.grid, refs["seed"]).to_markdown(),
+        "",
+    ]
+    if short.df.run.any():
         lines += [
-            f"## Reduced budget: {short['steps']:,} steps (the seed report's budget)",
+            cell_table(short.df).to_markdown(index=False),
             "",
-            f"Cells of params.yaml's `short` grid, trained with `trainer=short` ({short['steps']:,} steps, the same "
-            "schedule shape), beside the seed report's single 40k-iteration runs (affine only). They are not "
-            "compared with the paper's 150k-step numbers. Each cell: **ours** (n runs) · seed report.",
+            "Validation error during training: [figures/short_curves.png](figures/short_curves.png). Learned "
+            "transforms: " + (", ".join(transform_links(short.drawn)) or "_no ST cell run yet_") + ". Test error "
+            f"by distortion strength ({N_BINS} equal-width bins of the recorded test-set parameter, as below):",
             "",
-            short_table(short["df"], short["grid"], refs["seed"]).to_markdown(),
+            *(invariance_tables(short.inv) or ["_no R, RTS or P cell run yet_", ""]),
+            "θ on the test set (the statistics of the section \"θ on the test set\" below):",
+            "",
+            theta_markdown(short.thetas),
             "",
         ]
-        if short["df"].run.any():
-            lines += [
-                cell_table(short["df"]).to_markdown(index=False),
-                "",
-                "Validation error during training: [figures/short_curves.png](figures/short_curves.png). Test error by "
-                "distortion strength (12 equal-width bins of the recorded test-set parameter, as below):",
-                "",
-                *(invariance_tables(short["inv"]) or ["_no R, RTS or P cell run yet_", ""]),
-                "θ on the test set (the statistics of the section \"θ on the test set\" below):",
-                "",
-                theta_markdown(short["thetas"]),
-                "",
-            ]
-        else:
-            lines += ["_none run yet_", ""]
+    else:
+        lines += ["_none run yet_", ""]
     lines += [
         "## Parameters per network",
         "",
@@ -363,14 +375,14 @@ def render(df, grid, counts, refs: dict, profile_steps: int, table_ckpt: str, th
         "",
         "Learned transforms, drawn from each cell's recorded θ on the first test images (input, the sampled "
         "frame on the input, the transformer's output; caption: label, prediction): "
-        + (", ".join(f"[{k}](figures/transforms/{k}.png)" for k in drawn) or "_no ST cell run yet_") + ".",
+        + (", ".join(transform_links(full.drawn)) or "_no ST cell run yet_") + ".",
         "",
         "## Test error by distortion strength",
         "",
-        "The data of the figure above, for every model run: test error % in 12 equal-width bins of the "
+        f"The data of the figure above, for every model run: test error % in {N_BINS} equal-width bins of the "
         "recorded test-set parameter (seeds pooled; `images`: test images per bin).",
         "",
-        *(invariance_tables(inv) or ["_no R, RTS or P cell run yet_", ""]),
+        *(invariance_tables(full.inv) or ["_no R, RTS or P cell run yet_", ""]),
         "## θ on the test set",
         "",
         "From each ST cell's record (first seed): mean |θ − identity| (`theta_dev`), the fraction of sampling "
@@ -381,7 +393,7 @@ def render(df, grid, counts, refs: dict, profile_steps: int, table_ckpt: str, th
         "for an affine map), with its Pearson r with P's largest corner displacement; for tps the mean and "
         "largest control-point offset.",
         "",
-        theta_markdown(thetas),
+        theta_markdown(full.thetas),
         "",
         f"## Cells more than {int(round(100 * (DEVIATION - 1)))} % (relative) worse than the paper",
         "",
@@ -405,7 +417,7 @@ def render(df, grid, counts, refs: dict, profile_steps: int, table_ckpt: str, th
 def aggregate(root: Path = REPO) -> pd.DataFrame:
     params = yaml.safe_load((root / "params.yaml").read_text())
     grid = {k: params[k] for k in ("models", "distortions", "seeds", "profile")}
-    short_grid = params.get("short")
+    short_grid = params["short"]  # the reduced-budget grid: dvc.yaml's short@ stages
     reports, data_dir = root / "reports", root / "data" / "distorted"
     paper = yaml.safe_load((root / "conf/reference/paper.yaml").read_text())
     seed = yaml.safe_load((root / "conf/reference/seed_report.yaml").read_text())
@@ -413,25 +425,21 @@ def aggregate(root: Path = REPO) -> pd.DataFrame:
     steps = {p: OmegaConf.load(root / "conf/trainer" / f"{p}.yaml").max_steps for p in (grid["profile"], "short")}
     table_ckpt = OmegaConf.load(root / "conf/config.yaml").eval.table_ckpt
     df, records = collect(grid, reports)
-    short_df, short_records = (collect(short_grid, reports / "short") if short_grid
-                               else (pd.DataFrame(columns=COLUMNS), {}))
-    counts = param_counts(grid)
-    plot_curves(grid, df, reports, reports / "figures" / "curves.png")
+    short_df, short_records = collect(short_grid, reports / "short")
+    plot_curves(grid, df, reports, reports / "figures" / "curves.png", steps[grid["profile"]])
+    plot_curves(short_grid, short_df, reports / "short", reports / "figures" / "short_curves.png", steps["short"])
     inv = invariance(grid, records, data_dir)
     plot_invariance(grid, inv, reports / "figures" / "invariance.png")
-    drawn = draw_learned_transforms({**records, **{f"short-{k}": r for k, r in short_records.items()}}, data_dir,
+    short_prefix = "short-"  # one figure folder for both budgets
+    drawn = draw_learned_transforms({**records, **{short_prefix + k: r for k, r in short_records.items()}}, data_dir,
                                     reports / "figures" / "transforms")
-    thetas = theta_table(grid, records, data_dir)
-    short = None
-    if short_grid:
-        plot_curves(short_grid, short_df, reports / "short", reports / "figures" / "short_curves.png")
-        short = {"df": short_df, "grid": short_grid, "steps": steps["short"],
-                 "inv": invariance(short_grid, short_records, data_dir),
-                 "thetas": theta_table(short_grid, short_records, data_dir)}
+    full = Budget(grid, steps[grid["profile"]], df, inv, theta_table(grid, records, data_dir),
+                  [k for k in drawn if not k.startswith(short_prefix)])
+    short = Budget(short_grid, steps["short"], short_df, invariance(short_grid, short_records, data_dir),
+                   theta_table(short_grid, short_records, data_dir), [k for k in drawn if k.startswith(short_prefix)])
     write_atomic(reports / "results.csv", pd.concat([df.assign(profile=grid["profile"]),
                                                      short_df.assign(profile="short")]).to_csv(index=False))
-    write_atomic(reports / "results.md", render(df, grid, counts, refs, steps[grid["profile"]], table_ckpt, thetas,
-                                                drawn, short, inv))
+    write_atomic(reports / "results.md", render(full, short, param_counts(grid), refs, table_ckpt))
     write_json(reports / "summary.json", summary(df, short_df))
     return df
 

@@ -83,7 +83,10 @@ INVARIANCE = {
 }
 
 
-def binned_error(ok: torch.Tensor, values: torch.Tensor, n_bins: int = 12) -> pd.DataFrame:
+N_BINS = 12  # equal-width bins of the recorded distortion strength, in the report and its figure
+
+
+def binned_error(ok: torch.Tensor, values: torch.Tensor, n_bins: int = N_BINS) -> pd.DataFrame:
     """Test error % in equal-width bins of ``values``: columns lo, hi, mid, n, err."""
     v = values.double()
     edges = torch.linspace(float(v.min()), float(v.max()), n_bins + 1, dtype=torch.float64)

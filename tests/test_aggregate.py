@@ -11,6 +11,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
+import src.aggregate
 from src.aggregate import aggregate
 from src.config import cell_name
 from src.runinfo import REPO, compose_config, sha256_file
@@ -70,6 +71,9 @@ def fake_cell(root, model: str, data: str, seed: int, err: float, steps: int = 1
     base = root / reports
     (base / "metrics").mkdir(parents=True, exist_ok=True)
     (base / "metrics" / f"{key}.json").write_text(json.dumps(metrics))
+    (base / "curves").mkdir(exist_ok=True)
+    (base / "curves" / f"{key}.csv").write_text(f"step,train_loss,val_loss,val_err\n1000,1.0,1.0,{err + 5}\n"
+                                                f"{steps},0.1,0.1,{err - 0.05}\n")
     cell = base / "cells" / key
     cell.mkdir(parents=True, exist_ok=True)
     cfg = OmegaConf.to_container(compose_config([f"model={model}", f"data={data}"]), resolve=True)
@@ -85,8 +89,11 @@ def fake_cell(root, model: str, data: str, seed: int, err: float, steps: int = 1
     torch.save(rec, cell / "outcomes.pt")
 
 
-def test_aggregate_builds_table_and_figures_from_records_and_ignores_stale(tmp_path):
+def test_aggregate_builds_table_and_figures_from_records_and_ignores_stale(tmp_path, monkeypatch):
     root = tmp_path
+    curves = {}  # figure -> cells drawn in it
+    plot = src.aggregate.plot_curves
+    monkeypatch.setattr(src.aggregate, "plot_curves", lambda *a: curves.setdefault(a[3].name, plot(*a)))
     shutil.copytree(REPO / "conf", root / "conf")
     grid = {"models": ["fcn", "st_fcn", "st_fcn_tps"], "distortions": ["r", "rts"], "seeds": [0, 1], "profile": "full",
             "short": {"models": ["cnn", "st_cnn"], "distortions": ["r"], "seeds": [0]}}
@@ -130,10 +137,15 @@ def test_aggregate_builds_table_and_figures_from_records_and_ignores_stale(tmp_p
     summary = json.loads((root / "reports/summary.json").read_text())
     assert summary["err"] == {"r": {"fcn": 3.0, "st_fcn": 1.0}, "rts": {"fcn": 20.0}}
     assert summary["cells"][cell_name("fcn", "r", 1)] == 4.0 and summary["short"] == {cell_name("st_cnn", "r", 0): 3.5}
+    assert curves == {"curves.png": [cell_name("fcn", "r", 0), cell_name("st_fcn", "r", 0), cell_name("fcn", "rts", 0)],
+                      "short_curves.png": [cell_name("st_cnn", "r", 0)]}  # each budget from its own records
     for name in ("curves.png", "short_curves.png", "invariance.png", f"transforms/{cell_name('st_fcn', 'r', 0)}.png"):
         assert (root / "reports/figures" / name).stat().st_size > 1000, name
     drawn = sorted(p.stem for p in (root / "reports/figures/transforms").glob("*.png"))
     assert drawn == sorted([cell_name("st_fcn", "r", 0), "short-" + cell_name("st_cnn", "r", 0)])
+    figures = md.split("## Figures")[1].split("## Test error by")[0]
+    assert cell_name("st_fcn", "r", 0) in figures and "short-" not in figures  # each budget lists its own transforms
+    assert f"figures/transforms/short-{cell_name('st_cnn', 'r', 0)}.png" in short
     inv = md.split("## Test error by distortion strength")[1].split("## θ on")[0]
     r_rows = [line.split("|") for line in inv.split("**R**")[1].split("**RTS**")[0].splitlines()
               if line.startswith("| ") and "images" not in line]
@@ -158,6 +170,8 @@ def test_aggregate_with_no_cell_run_yet(tmp_path):
     assert not df.run.any() and len(df) == len(PARAMS["models"]) * len(PARAMS["distortions"]) * len(PARAMS["seeds"])
     md = (tmp_path / "reports/results.md").read_text()
     assert "Cells run: 0 of" in md and "_no ST cell run yet_" in md
+    assert "_none run yet_" in md.split("## Reduced budget")[1].split("## Parameters")[0]
+    assert (tmp_path / "reports/figures/short_curves.png").is_file()  # a declared out of the stage, also when empty
     assert json.loads((tmp_path / "reports/summary.json").read_text())["cells"] == {}
 
 
