@@ -18,6 +18,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
@@ -126,6 +127,9 @@ def plot_curves(grid: dict, df: pd.DataFrame, reports: Path, path: Path, steps: 
         ax.set_title(f"{data.upper()} (seed {grid['seeds'][0]}, {steps // 1000}k steps)")
         ax.set_xlabel("step")
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))  # 1, 2, 5, 10, 20 …
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # rather than 2×10⁰
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("validation error %")
     legend = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels())}  # every model once
