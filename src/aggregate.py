@@ -87,12 +87,13 @@ def ours(df: pd.DataFrame, model: str, data: str) -> str:
     return f"**{errs.mean():.2f}**" + (f" ± {errs.std(ddof=1):.2f}" if len(errs) > 1 else "") + f" ({len(errs)})"
 
 
-def table1(df: pd.DataFrame, grid: dict, paper: dict, seed_report: dict) -> pd.DataFrame:
-    """Rows = models, columns = distortions; each cell 'ours mean ± std (n) · paper · seed report'."""
+def table1(df: pd.DataFrame, grid: dict, refs: list[tuple[dict, int]]) -> pd.DataFrame:
+    """Rows = models, columns = distortions; each cell 'ours mean ± std (n)', then each reference's number
+    (``refs``: its {model: {distortion: err}} and the digits it is quoted with)."""
     return pd.DataFrame({
         ROW_LABELS.get(model, model): {
-            data.upper(): f"{ours(df, model, data)} · {fmt(paper.get(model, {}).get(data, float('nan')), 1)} · "
-                          f"{fmt(seed_report.get(model, {}).get(data, float('nan')))}"
+            data.upper(): " · ".join([ours(df, model, data)] + [
+                fmt(ref.get(model, {}).get(data, float("nan")), digits) for ref, digits in refs])
             for data in grid["distortions"]}
         for model in grid["models"]}).T
 
@@ -275,15 +276,6 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
                                       "n_params": "params", "hours": "fit hours"})
 
 
-def short_table(short: pd.DataFrame, grid: dict, seed_report: dict) -> pd.DataFrame:
-    """The reduced-budget cells beside the seed report's numbers at the same budget."""
-    return pd.DataFrame({
-        ROW_LABELS.get(model, model): {
-            data.upper(): f"{ours(short, model, data)} · {fmt(seed_report.get(model, {}).get(data, float('nan')))}"
-            for data in grid["distortions"]}
-        for model in grid["models"]}).T
-
-
 def theta_markdown(thetas: pd.DataFrame) -> str:
     """The θ table, with "–" where a transform has no such statistic."""
     return (thetas.astype(object).where(thetas.notna(), None).to_markdown(index=False, missingval="–")
@@ -331,7 +323,7 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
         "run of this cell; `–`: no reference number. The paper gives TC only in its text (no transform type); "
         "we place it on the affine rows.",
         "",
-        table1(df, grid, refs["paper"], refs["seed"]).to_markdown(),
+        table1(df, grid, [(refs["paper"], 1), (refs["seed"], 2)]).to_markdown(),
         "",
         f"References: {refs['sources']}",
         "",
@@ -343,7 +335,7 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
         "schedule shape), beside the seed report's single 40k-iteration runs (affine only). They are not "
         "compared with the paper's 150k-step numbers. Each cell: **ours** (n runs) · seed report.",
         "",
-        short_table(short.df, short.grid, refs["seed"]).to_markdown(),
+        table1(short.df, short.grid, [(refs["seed"], 2)]).to_markdown(),  # beside the same budget only
         "",
     ]
     if short.df.run.any():
