@@ -17,6 +17,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from src.runinfo import UserError
 
+# ``model.precision``: Lightning's precision of the cell's training (float32, or bfloat16 autocast with the
+# transformer's grid and sampler in float32); src.fingerprint runs the same autocast.
+PRECISIONS = ("32-true", "bf16-mixed")
+
 # Keys that change where a run writes or how it talks, not what it computes.
 NON_RESULT_KEYS = ("paths", "quiet", "resume", "hydra", "guard")
 
@@ -126,9 +130,9 @@ SCHEMA = {
     "trainer.val_check_interval": _int(1),
     "trainer.limit_val_batches": _optional_int(1),
     "trainer.devices": _devices,
-    "trainer.precision": _one_of("32-true", "32", "16-mixed", "bf16-mixed", "64-true"),
     "trainer.deterministic": _one_of(True, False, "warn"),
     "trainer.tf32": _bool,
+    "model.precision": _one_of(*PRECISIONS),
     "data.canvas": _int(28),
     "data.st_downsample": _one_of(1, 2),
     "data.gen_seed": _int(0),

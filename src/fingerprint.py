@@ -71,7 +71,8 @@ def cell_hash(model: str, data: str) -> str:
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
     for step in range(STEPS):
         opt.zero_grad(set_to_none=True)
-        module.loss(dm.train_batch(step)).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.model.precision == "bf16-mixed"):
+            module.loss(dm.train_batch(step)).backward()  # Lightning's bf16-mixed: the whole step in autocast
         opt.step()
         sched.step()
     eval_u8, _ = generate_split(synthetic_digits(N_EVAL, 2), cfg.data, 7, bool(cfg.stn.align_corners),

@@ -129,6 +129,15 @@ def device_name(device: torch.device) -> str:
     return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
+def native_bf16() -> list[str]:
+    """This CPU's native bfloat16 arithmetic, as /proc/cpuinfo names it (``amx_bf16``, ``avx512_bf16``)."""
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+
+
 def versions() -> dict[str, str]:
     import pytorch_lightning as pl
 

@@ -37,7 +37,8 @@ from src.config import cell_name, result_config, validate  # noqa: E402
 from src.data.datamodule import DistortedMNIST  # noqa: E402
 from src.models.build import build_model  # noqa: E402
 from src.models.module import Classifier  # noqa: E402
-from src.runinfo import REPO, UserError, atomic_dir, compose_config, versions, write_atomic, write_json  # noqa: E402
+from src.runinfo import (REPO, UserError, atomic_dir, compose_config, native_bf16, versions, write_atomic,  # noqa: E402
+                         write_json)
 
 CONF_DIR = REPO / "conf"
 FINGERPRINT = REPO / "src" / "fingerprint.json"
@@ -119,6 +120,16 @@ def resume_point(ckpt_dir: Path) -> Path | None:
     return best
 
 
+def emulated_bf16(cfg: DictConfig) -> str | None:
+    """One line when a bf16-mixed cell runs on a CPU without native bfloat16: the same precision (the
+    config decides it, never the machine), only slower."""
+    on_cpu = cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())
+    if cfg.model.precision == "bf16-mixed" and on_cpu and not native_bf16():
+        return ("note: model.precision=bf16-mixed on a CPU without native bfloat16 (no AMX or AVX512-BF16): "
+                "the same precision, emulated, and slower than 32-true would be here")
+    return None
+
+
 def make_trainer(cfg: DictConfig, ckpt_dir: Path, callbacks: list, label: str) -> pl.Trainer:
     t = cfg.trainer
     ckpt = pl.callbacks.ModelCheckpoint(
@@ -131,7 +142,7 @@ def make_trainer(cfg: DictConfig, ckpt_dir: Path, callbacks: list, label: str) -
     return pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, max_steps=t.max_steps, max_epochs=-1,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
-        limit_val_batches=t.limit_val_batches, deterministic=t.deterministic, precision=t.precision,
+        limit_val_batches=t.limit_val_batches, deterministic=t.deterministic, precision=cfg.model.precision,
         logger=False, callbacks=[ckpt, *callbacks, ProgressLog(label, t.max_steps), *bar],
         enable_progress_bar=bool(bar), enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=ckpt_dir.parent,
@@ -173,6 +184,8 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     validate(cfg)
     label = cell_name(cfg.model.name, cfg.data.name, cfg.seed)
     quiet_lightning(cfg.quiet)
+    if note := emulated_bf16(cfg):
+        print(note, file=sys.stderr)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     net, budget = build_model(cfg)
     module = Classifier(net, OmegaConf.to_container(cfg.optim, resolve=True), cfg.trainer.max_steps)
@@ -233,6 +246,7 @@ def make_record(cfg, net, budget, trainer, fingerprint, rows, segs, last, out_la
         "commit": segs[0]["commit"] if segs else "unknown",
         "device": segs[-1]["device"] if segs else "?", "accelerator": trainer.strategy.root_device.type,
         "versions": versions(), "deterministic": str(cfg.trainer.deterministic),
+        "precision": str(cfg.model.precision),
         "fit_seconds": round(sum(s["seconds"] for s in segs), 1), "segments": segs,
         "resumed": len(segs) > 1, "fingerprint": fingerprint, "config": OmegaConf.to_container(cfg, resolve=True),
     }

@@ -131,6 +131,12 @@ class DistortedMNIST(pl.LightningDataModule):
         return self._epoch_perm[1]
 
     def train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``step``, in float32 whatever the model's precision: the training step that pulls it
+        runs under autocast, and a mixed-precision cell must see the same data as a float32 one."""
+        with torch.autocast(self.train_labels.device.type, enabled=False):
+            return self._train_batch(step)
+
+    def _train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         bs = self.batch_size
         per_epoch = len(self.train_labels) // bs
         epoch, k = divmod(step, per_epoch)

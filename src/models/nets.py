@@ -5,6 +5,11 @@ CNN:    conv9×9(c1) → ReLU → maxpool2 → conv7×7(c2) → ReLU → maxpool
 ST-FCN: spatial transformer (FC 32-32-32 localisation net) → FCN
 ST-CNN: spatial transformer (2× downsample → conv5×5(20) → maxpool2 → conv5×5(20) → FC20) → CNN
 
+Each ReLU before a max pool is applied after it: relu(max(S)) = max(relu(S)), and the pool picks
+the same element, so values and gradients are the same, on a quarter of the elements. The
+convolutional networks run in channels_last (the memory format oneDNN's convolutions are fastest
+in, bench/bench_conv.py); a convolution's result does not depend on it beyond summation order.
+
 Every network of one distortion gets about the same number of parameters (the paper's rule):
 ``build_net`` sizes each classifier so that localisation net + classifier lands on the
 distortion's budget, by scaling the configured base widths by one common factor.
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from src.models.conv import OneChannelConv2d
 from src.stn.transformer import SpatialTransformer
 
 N_CLASSES = 10
@@ -56,10 +62,10 @@ def cnn(in_hw: tuple[int, int], widths: list[int], ceil_mode: bool = True) -> nn
     c1, c2 = widths
     h, w = cnn_feature_size(in_hw, ceil_mode)
     return nn.Sequential(
-        nn.Conv2d(1, c1, 9), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=ceil_mode),
-        nn.Conv2d(c1, c2, 7), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=ceil_mode),
+        OneChannelConv2d(c1, 9), nn.MaxPool2d(2, ceil_mode=ceil_mode), nn.ReLU(),
+        nn.Conv2d(c1, c2, 7), nn.MaxPool2d(2, ceil_mode=ceil_mode), nn.ReLU(),
         nn.Flatten(), nn.Linear(c2 * h * w, N_CLASSES),
-    )
+    ).to(memory_format=torch.channels_last)
 
 
 def fcn_loc(in_hw: tuple[int, int], widths: list[int]) -> tuple[nn.Sequential, int]:
@@ -85,9 +91,9 @@ def cnn_loc(in_hw: tuple[int, int], filters: int = 20, fc: int = 20, downsample:
     if min(h, w) < 1:
         raise ValueError(f"ST-CNN localisation net needs a larger input than {in_hw}")
     net = nn.Sequential(
-        down, nn.Conv2d(1, filters, 5), nn.ReLU(), nn.MaxPool2d(2),
+        down, nn.Conv2d(1, filters, 5), nn.MaxPool2d(2), nn.ReLU(),
         nn.Conv2d(filters, filters, 5), nn.ReLU(), nn.Flatten(), nn.Linear(filters * h * w, fc), nn.ReLU(),
-    )
+    ).to(memory_format=torch.channels_last)
     return net, fc
 
 

@@ -1,0 +1,160 @@
+"""The CNN family's training step on the CPU against the core's own GEMM peak:
+``OMP_NUM_THREADS=1 python bench/bench_conv.py [--models ...] [--distortions ...]``.
+
+For every CNN-family network of the grid (sized by the budget rule, batch 256, one SGD step with
+momentum: forward, backward, update), timed interleaved in one race with a 2048² matmul of each
+precision on the same thread:
+
+- ``before``: the network as it was built before the convolution path (float32, NCHW, ReLU before
+  max-pool, the library's own input gradient for the first convolution);
+- ``fp32`` and ``bf16-mixed``: the network as ``src.models`` builds it (channels_last, pool before
+  ReLU, ``OneChannelConv2d``), in float32 and under Lightning's ``bf16-mixed`` autocast;
+- FLOPs per step from torch's FlopCounterMode (on the ``before`` network, forward + backward) and
+  the fraction of the GEMM peak of the same precision that each step reaches.
+
+The projection is step time × 150k steps, leaving out data, evaluation and the loop (README "How
+long it takes" has whole cells). Writes reports/bench/conv.md (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_stn import BATCH, DISTORTIONS, PAPER_STEPS, REPO, build, fmt, race  # noqa: E402
+
+from src.models.conv import OneChannelConv2d  # noqa: E402
+from src.runinfo import device_name, git_commit, native_bf16, versions, write_atomic  # noqa: E402
+
+CNN_MODELS = ("cnn", "st_cnn", "st_cnn_proj", "st_cnn_tps")
+PEAK_N = 2048
+
+
+def before_twin(net: nn.Module) -> nn.Module:
+    """The same network (same weights) as built before the convolution path: NCHW, ReLU → max-pool,
+    a plain ``nn.Conv2d`` for the first convolution."""
+    twin = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+    for seq in [m for m in twin.modules() if isinstance(m, nn.Sequential)]:
+        layers = list(seq)
+        for i, m in enumerate(layers):
+            if isinstance(m, OneChannelConv2d):
+                conv = nn.Conv2d(1, m.out_channels, m.kernel_size)
+                conv.load_state_dict(m.state_dict())
+                layers[i] = conv
+        for i in range(len(layers) - 1):
+            if isinstance(layers[i], nn.MaxPool2d) and isinstance(layers[i + 1], nn.ReLU):
+                layers[i], layers[i + 1] = layers[i + 1], layers[i]
+        for i, m in enumerate(layers):
+            seq[i] = m
+    return twin
+
+
+def sgd_step(net: nn.Module, hw: int, bf16: bool):
+    """One SGD step with momentum on a fixed batch; under ``bf16`` the whole step runs in
+    autocast, as Lightning's ``bf16-mixed`` runs our manual-optimisation training step."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(BATCH, 1, hw, hw, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            F.cross_entropy(net(x), y).backward()
+        opt.step()
+    return run
+
+
+def step_flops(net: nn.Module, hw: int) -> int:
+    x, y = torch.rand(BATCH, 1, hw, hw), torch.randint(0, 10, (BATCH,))
+    with FlopCounterMode(display=False) as fc:
+        F.cross_entropy(net(x), y).backward()
+    net.zero_grad(set_to_none=True)
+    return fc.get_total_flops()
+
+
+def matmul(dtype):
+    a, b = torch.randn(PEAK_N, PEAK_N, dtype=dtype), torch.randn(PEAK_N, PEAK_N, dtype=dtype)
+    return lambda: a @ b
+
+
+def bench(models, distortions, rounds: int) -> tuple[pd.DataFrame, dict]:
+    peak_s: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    rows = []
+    for d in distortions:
+        for m in models:
+            cfg, net = build(m, d)
+            hw = int(cfg.data.canvas)
+            before = before_twin(net)
+            flops = step_flops(before, hw)
+            heavy = flops > 20e9  # CNN on RTS and TC: a step takes seconds
+            t = race({"before": sgd_step(before, hw, False), "fp32": sgd_step(net, hw, False),
+                      "bf16": sgd_step(copy.deepcopy(net), hw, True),
+                      "peak fp32": matmul(torch.float32), "peak bf16": matmul(torch.bfloat16)},
+                     torch.device("cpu"), rounds=2 if heavy else rounds, calls=1 if heavy else 3)
+            peak = {p: 2 * PEAK_N ** 3 / t[f"peak {p}"] for p in ("fp32", "bf16")}
+            for p in peak_s:
+                peak_s[p].append(peak[p])
+            rows.append({
+                "distortion": d.upper(), "model": m, "GFLOP/step": flops / 1e9,
+                "before (ms)": 1e3 * t["before"], "fp32 (ms)": 1e3 * t["fp32"], "bf16-mixed (ms)": 1e3 * t["bf16"],
+                "before % fp32 peak": 100 * flops / t["before"] / peak["fp32"],
+                "fp32 % fp32 peak": 100 * flops / t["fp32"] / peak["fp32"],
+                "bf16 % bf16 peak": 100 * flops / t["bf16"] / peak["bf16"],
+                "bf16 × before": t["before"] / t["bf16"],
+                "h/cell before": t["before"] * PAPER_STEPS / 3600, "h/cell fp32": t["fp32"] * PAPER_STEPS / 3600,
+                "h/cell bf16": t["bf16"] * PAPER_STEPS / 3600,
+            })
+            print(f"bench_conv: {m} on {d}: before {1e3 * t['before']:.0f} ms, fp32 {1e3 * t['fp32']:.0f} ms, "
+                  f"bf16 {1e3 * t['bf16']:.0f} ms", file=sys.stderr, flush=True)
+    med = {p: sorted(v)[len(v) // 2] / 1e9 for p, v in peak_s.items()}
+    return pd.DataFrame(rows), med
+
+
+def report(df: pd.DataFrame, peak: dict, a: argparse.Namespace) -> str:
+    seed_h = {c: df[f"h/cell {c}"].sum() for c in ("before", "fp32", "bf16")}
+    full = len(df) == len(CNN_MODELS) * len(DISTORTIONS)
+    return "\n".join([
+        "# The CNN family's training step on the CPU", "",
+        f"Generated by `{' '.join(['python bench/bench_conv.py', *sys.argv[1:]])}` (bench/bench_conv.py; do not edit "
+        f"by hand). Commit {git_commit()}; {device_name(torch.device('cpu'))}; torch {versions()['torch']}; "
+        f"{torch.get_num_threads()} thread(s). Native bfloat16: "
+        f"{', '.join(native_bf16()) or 'none (bf16-mixed is emulated here, slower than fp32)'}.", "",
+        "One SGD step at batch 256 (forward, backward, momentum update), median over "
+        f"{a.rounds} interleaved rounds (2 for the steps above 20 GFLOP), raced against a 2048² matmul of each "
+        "precision on the same thread, so that a loaded machine slows both sides alike. `before`: the network as "
+        "built before the convolution path (float32, NCHW, ReLU before max-pool, the library's input gradient "
+        "for the first convolution); `fp32` / `bf16-mixed`: the network as `src.models` builds it now, in float32 "
+        "and under the `bf16-mixed` autocast of `model.precision`. FLOPs: FlopCounterMode, forward + backward.", "",
+        f"Core GEMM peak, one thread, median over the races: fp32 {peak['fp32']:.0f} GFLOP/s, "
+        f"bf16 {peak['bf16']:.0f} GFLOP/s.", "",
+        fmt(df), "",
+        ("One seed of the CNN family (these 20 cells), step time × 150k steps: "
+         f"before {seed_h['before']:.0f} h, fp32 {seed_h['fp32']:.0f} h, bf16-mixed {seed_h['bf16']:.0f} h of one core."
+         if full else "Projected hours per cell: step time × 150k steps."), "",
+    ])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(CNN_MODELS))
+    p.add_argument("--distortions", nargs="+", default=list(DISTORTIONS))
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", default=str(REPO / "reports/bench/conv.md"))
+    a = p.parse_args()
+    torch.manual_seed(0)
+    df, peak = bench(a.models, a.distortions, a.rounds)
+    write_atomic(Path(a.out), report(df, peak, a))
+    print(f"bench_conv: wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""A convolution on a one-channel image whose input gradient is wanted (the ST-CNN's first classifier
+layer, fed by the transformer's output).
+
+oneDNN's and ATen's backward-data for one input channel run at a fraction of their forward rate
+(about 3× the forward's time at batch 256 on our CPUs, bench/bench_conv.py). With one input
+channel, the input gradient is one GEMM, wᵀ·g → (B, k·k, HW), and a col2im (``F.fold``) that
+sums the k·k shifted copies: the same sums in another order. The weight and bias gradients and the
+forward stay the library's own. Both run in float32 under autocast too: ATen's col2im is several
+times slower in bfloat16, and a float32 GEMM into it costs less than the conversion it would need.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _OneChannelConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        c_out, _, kh, kw = weight.shape
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            b = g.shape[0]
+            g_rows = g.to(torch.float32, memory_format=torch.contiguous_format).view(b, c_out, -1)
+            cols = (weight.float().reshape(c_out, kh * kw).t() @ g_rows).contiguous()  # (B, k·k, H'W') for col2im
+            grad_x = F.fold(cols, x.shape[-2:], (kh, kw)).to(x.dtype)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                g, x.to(g.dtype), weight.to(g.dtype), [c_out] if ctx.has_bias else None,
+                [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, ctx.has_bias])
+        return grad_x, grad_w, grad_b
+
+
+class OneChannelConv2d(nn.Conv2d):
+    """``nn.Conv2d(1, c_out, k)`` (stride 1, no padding) with the input gradient above. Same
+    parameters, state-dict keys and forward as ``nn.Conv2d``; without an input gradient it is
+    ``nn.Conv2d``."""
+
+    def __init__(self, out_channels: int, kernel_size: int):
+        super().__init__(1, out_channels, kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            return super().forward(x)
+        if torch.is_autocast_enabled(x.device.type):  # cast as autocast would, then run the Function outside it
+            dtype = torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                bias = None if self.bias is None else self.bias.to(dtype)
+                return _OneChannelConv.apply(x.to(dtype), self.weight.to(dtype), bias)
+        return _OneChannelConv.apply(x, self.weight, self.bias)
