@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import math
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +42,7 @@ PAPER_STEPS = 150_000  # only cells trained at the paper's budget are compared w
 
 
 COLUMNS = ["model", "distortion", "seed", "key", "run", "test_err", "test_err_last", "test_err_best", "val_err_last",
-           "val_err_best", "n_params", "steps", "device", "hours", "commit"]
+           "val_err_best", "n_params", "steps", "precision", "device", "hours", "commit"]
 
 
 def collect(grid: dict, reports: Path) -> tuple[pd.DataFrame, dict]:
@@ -58,7 +60,8 @@ def collect(grid: dict, reports: Path) -> tuple[pd.DataFrame, dict]:
                     row.update(test_err=m["test"]["err"], test_err_last=m["test"]["err_last"],
                                test_err_best=m["test"]["err_best"], val_err_last=m["val"]["err_last"],
                                val_err_best=m["val"]["err_best"],
-                               n_params=m["params"]["n"], steps=m["steps"], device=p.get("device", "?"),
+                               n_params=m["params"]["n"], steps=m["steps"], precision=rec.precision,
+                               device=p.get("device", "?"),
                                hours=round(p.get("fit_seconds", float("nan")) / 3600, 2),
                                commit=str(p.get("commit", "?"))[:10])
                 rows.append(row)
@@ -269,7 +272,7 @@ def summary(df: pd.DataFrame, short_df: pd.DataFrame) -> dict:
 def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     done = df[df.run].copy()
     cols = ["key", "test_err", "test_err_last", "test_err_best", "val_err_last", "val_err_best", "n_params", "steps",
-            "hours", "device", "commit"]
+            "precision", "hours", "device", "commit"]
     return done[cols].rename(columns={"key": "cell", "test_err": "test err %", "test_err_last": "last",
                                       "test_err_best": "best-val ckpt", "val_err_last": "val err % (last)",
                                       "val_err_best": "best val err %",
@@ -280,6 +283,37 @@ def theta_markdown(thetas: pd.DataFrame) -> str:
     """The θ table, with "–" where a transform has no such statistic."""
     return (thetas.astype(object).where(thetas.notna(), None).to_markdown(index=False, missingval="–")
             if len(thetas) else "_no ST cell run yet_")
+
+
+def paired_check(short_df: pd.DataFrame, ref_commit: str, root: Path, n_test: int = 10_000) -> list[str]:
+    """The paired check of reports/decisions.md: each reduced-budget cell against its float32 record as
+    committed at ``ref_commit`` (read from git), with the rule's verdict."""
+    rows = []
+    retrained = short_df[short_df.run & (short_df.precision != "32-true")]  # the float32 records are the reference
+    for r in retrained.itertuples():
+        try:
+            ref = json.loads(subprocess.run(
+                ["git", "show", f"{ref_commit}:reports/short/metrics/{r.key}.json"], cwd=root, capture_output=True,
+                text=True, check=True, timeout=30).stdout)
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return [f"_The float32 records at {ref_commit} are not in this checkout's git history._"]
+        p = ref["test"]["err"] / 100
+        bound = 200 * math.sqrt(p * (1 - p) / n_test)
+        diff = r.test_err - ref["test"]["err"]
+        rows.append({"cell": r.key, "precision": r.precision, f"float32 test err % ({ref_commit})": ref["test"]["err"],
+                     "test err %": r.test_err, "difference": round(diff, 2), "2 SE": round(bound, 2),
+                     "within 2 SE": abs(diff) <= bound, f"float32 val err % ({ref_commit})": ref["val"]["err_last"],
+                     "val err %": r.val_err_last})
+    if not rows:
+        return ["_No cell of the check is recorded yet: each row below is still its float32 record._"]
+    df = pd.DataFrame(rows)
+    mean = df["difference"].mean()
+    complete = len(df) == len(short_df)
+    passed = complete and bool(df["within 2 SE"].all()) and abs(mean) < 0.1
+    verdict = ("**passes**" if passed else "**fails**") if complete else f"pending ({len(df)} of {len(short_df)} cells)"
+    return [df.to_markdown(index=False), "",
+            f"Mean difference {mean:+.2f} points over {len(df)} cell(s); the rule (each within 2 SE, |mean| < 0.1): "
+            f"{verdict}."]
 
 
 @dataclass
@@ -293,7 +327,7 @@ class Budget:
     drawn: list[str]  # cells whose learned transforms are drawn (file stems under figures/transforms/)
 
 
-def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_ckpt: str) -> str:
+def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_ckpt: str, root: Path = REPO) -> str:
     """reports/results.md: the full-budget table beside the paper, then the reduced-budget cells apart."""
     df, grid = full.df, full.grid
     steps_run = sorted({int(s) for s in df[df.run].steps}) if df.run.any() else []
@@ -333,11 +367,17 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
         "",
         f"Cells of params.yaml's `short` grid, trained with `trainer=short` ({short.steps:,} steps, the same "
         "schedule shape), beside the seed report's single 40k-iteration runs (affine only). They are not "
-        "compared with the paper's 150k-step numbers. Each cell: **ours** (n runs) · seed report.",
+        "compared with the paper's 150k-step numbers. Each cell: **ours** (n runs) · seed report. The precision "
+        "of each cell (params.yaml `short.precision`) is in its row of the cell table below; the paired check of "
+        "bf16-mixed against these cells' float32 records is in [decisions.md](decisions.md).",
         "",
         table1(short.df, short.grid, [(refs["seed"], 2)]).to_markdown(),  # beside the same budget only
         "",
     ]
+    if short.grid.get("reference"):
+        lines += [f"Paired check of `model.precision` ([decisions.md](decisions.md)): these cells against their "
+                  f"float32 records at {short.grid['reference']}.", "",
+                  *paired_check(short.df, short.grid["reference"], root), ""]
     if short.df.run.any():
         lines += [
             cell_table(short.df).to_markdown(index=False),
@@ -401,7 +441,8 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
         "",
         "## Every cell that was run",
         "",
-        "Budget (steps), fit time (every segment of a resumed run), hardware and the commit at the start of "
+        "Budget (steps), precision (`model.precision`), fit time (every segment of a resumed run), hardware and "
+        "the commit at the start of "
         "each number above; the full config and every segment are in `reports/cells/<cell>/provenance.json`.",
         "",
         cell_table(df).to_markdown(index=False) if df.run.any() else "_none yet_",
@@ -435,7 +476,7 @@ def aggregate(root: Path = REPO) -> pd.DataFrame:
                    theta_table(short_grid, short_records, data_dir), [k for k in drawn if k.startswith(short_prefix)])
     write_atomic(reports / "results.csv", pd.concat([df.assign(profile=grid["profile"]),
                                                      short_df.assign(profile="short")]).to_csv(index=False))
-    write_atomic(reports / "results.md", render(full, short, param_counts(grid), refs, table_ckpt))
+    write_atomic(reports / "results.md", render(full, short, param_counts(grid), refs, table_ckpt, root))
     write_json(reports / "summary.json", summary(df, short_df))
     return df
 

@@ -33,6 +33,13 @@ class Record:
         return OmegaConf.create(self.provenance["config"])
 
     @property
+    def precision(self) -> str:
+        """The cell's training precision: ``model.precision``, or ``trainer.precision`` in records made before
+        it became a model key (all float32)."""
+        cfg = self.provenance["config"]
+        return str(cfg.get("model", {}).get("precision") or cfg.get("trainer", {}).get("precision") or "32-true")
+
+    @property
     def theta(self) -> torch.Tensor | None:
         t = self.outcomes.get("theta")
         return None if t is None else t.float()

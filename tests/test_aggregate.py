@@ -221,3 +221,32 @@ def test_theta_summary_reads_the_perspective_of_projective_theta():
     affine = theta_summary(Record("a", {}, {"config": {**cfg, "model": {**cfg["model"], "transform": "aff"}}},
                                   {"pred": rec.outcomes["pred"], "theta": theta[:, :6].half()}), {"params": {}})
     assert "perspective" not in affine
+
+
+def test_paired_check_reads_the_reference_from_git_and_applies_the_rule(tmp_path):
+    """The float32 side comes from the named commit; the verdict follows decisions.md's rule and waits
+    for every cell; float32 rows are the reference, not part of the check."""
+    from src.aggregate import paired_check
+
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t", "-C", str(tmp_path)]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    metrics = tmp_path / "reports/short/metrics"
+    metrics.mkdir(parents=True)
+    for key, err in (("0-a-r", 1.00), ("0-b-r", 2.00)):
+        (metrics / f"{key}.json").write_text(json.dumps({"test": {"err": err}, "val": {"err_last": err}}))
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "fp32"], check=True)
+    ref = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+    def df(*rows):
+        return pd.DataFrame([{"key": k, "run": True, "precision": p, "test_err": e, "val_err_last": e} for k, p, e in rows])
+
+    assert "No cell" in paired_check(df(("0-a-r", "32-true", 1.0), ("0-b-r", "32-true", 2.0)), ref, tmp_path)[0]
+    pending = "\n".join(paired_check(df(("0-a-r", "bf16-mixed", 1.05), ("0-b-r", "32-true", 2.0)), ref, tmp_path))
+    assert "pending (1 of 2 cells)" in pending
+    ok = "\n".join(paired_check(df(("0-a-r", "bf16-mixed", 1.05), ("0-b-r", "bf16-mixed", 2.05)), ref, tmp_path))
+    assert "**passes**" in ok and "+0.05" in ok
+    # 2 SE at 1 % on 10k images is 0.20: a 0.25 difference fails the cell, and the mean rule too
+    bad = "\n".join(paired_check(df(("0-a-r", "bf16-mixed", 1.25), ("0-b-r", "bf16-mixed", 2.0)), ref, tmp_path))
+    assert "**fails**" in bad and "False" in bad
+    assert "not in this checkout" in paired_check(df(("0-a-r", "bf16-mixed", 1.0)), "0000000", tmp_path)[0]
