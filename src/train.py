@@ -190,7 +190,7 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     net, budget = build_model(cfg)
     module = Classifier(net, OmegaConf.to_container(cfg.optim, resolve=True), cfg.trainer.max_steps)
     dm = DistortedMNIST(cfg.data, cfg.loader, cfg.paths, cfg.stn.align_corners, cfg.seed)
-    dm.setup("fit")  # missing, tampered or mismatched data fail here, before anything is written
+    dm.setup("fit")  # missing, tampered, malformed or mismatched data (any split) fail here, before anything is written
 
     run_dir = Path(cfg.paths.run_dir)
     fingerprint = run_fingerprint(cfg)

@@ -11,7 +11,9 @@ resumed run replay exactly the batches an uninterrupted run would have seen.
   parameter comes from a CPU generator keyed by (seed, step), in float64, and only the warp runs
   on the accelerator: a CPU and a GPU run of one cell see the same distortions.
 Validation and test always use the stage's fixed sets. The stored sets must have been generated
-under the run's ``data`` config and ``stn.align_corners`` (checked against their manifest).
+under the run's ``data`` config and ``stn.align_corners`` (checked against their manifest) and hold
+uint8 canvas × canvas images with labels in 0..9 (checked as ``setup`` loads each split, so a bad
+split fails before anything is written).
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class DistortedMNIST(pl.LightningDataModule):
         return torch.device("cpu")
 
     def load_split(self, split: str) -> dict:
-        return distort.load_split(self.split_dir, split)
+        return distort.load_split(self.split_dir, split, int(self.data_cfg.canvas))
 
     def setup(self, stage: str | None = None) -> None:
         dev = self._device()

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from src.data.mnist import SPLITS, load_raw, sidecar
+from src.data.mnist import SPLITS, check_digits, load_raw, sidecar
 from src.data.warps import distort_batch, warp_of
 from src.runinfo import UserError, atomic_dir, load_checked, stage_main, write_atomic
 
@@ -125,15 +125,19 @@ def distort(cfg) -> Path:
     return out_dir
 
 
-def load_split(split_dir: Path, split: str) -> dict:
-    """One split of a distorted dataset, checked against its manifest's sha256."""
+def load_split(split_dir: Path, split: str, canvas: int | None = None) -> dict:
+    """One split of a distorted dataset, checked against its manifest's sha256 and then for what training
+    reads (:func:`src.data.mnist.check_digits`; images ``canvas`` × ``canvas`` when given)."""
     split_dir = Path(split_dir)
     hint = f"dvc repro distort@{split_dir.name}"
     try:
         expected = json.loads((split_dir / "manifest.json").read_text())["files"][f"{split}.pt"]["sha256"]
     except (OSError, ValueError, KeyError):
         raise UserError(f"{split_dir / 'manifest.json'} is missing or unreadable; run `{hint}`") from None
-    return load_checked(split_dir / f"{split}.pt", hint=hint, expected_sha256=expected)
+    path = split_dir / f"{split}.pt"
+    d = load_checked(path, hint=hint, expected_sha256=expected)
+    check_digits(str(path), d, canvas, hint)
+    return d
 
 
 def _first_difference(stored, wanted, prefix: str = "data"):

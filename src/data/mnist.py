@@ -192,6 +192,38 @@ def sidecar(path: Path) -> Path:
     return Path(f"{path}.sha256")
 
 
+class DataError(UserError):
+    """A data file whose content is not what training reads (its checksum may well match): one line, exit code 2."""
+
+    exit_code = 2
+
+
+def check_digits(name: str, d, side: int | None, hint: str) -> None:
+    """Refuse a split that is not ``{"images": uint8 (N,1,side,side), "labels": int64 (N,) in 0..9}``.
+
+    A checksum only says the file is the one its manifest names: an edited split with a rewritten checksum
+    would otherwise train on NaN or out-of-range pixels, or fail on a bad label at its first batch (after the
+    whole run for the test split). uint8 pixels cannot be non-finite or out of range, so the dtype settles
+    the pixel values. ``side=None`` accepts any square side."""
+    x, y = (d.get("images"), d.get("labels")) if isinstance(d, dict) else (None, None)
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        raise DataError(f"{name}: not a dict of 'images' and 'labels' tensors; run `{hint}` again")
+    if x.dtype != torch.uint8:
+        raise DataError(f"{name}: images are {str(x.dtype).removeprefix('torch.')}, expected uint8; run `{hint}` again")
+    s = side if side is not None else (x.shape[-1] if x.dim() == 4 else "S")
+    if x.dim() != 4 or x.shape[1:] != (1, s, s):
+        raise DataError(f"{name}: images have shape {tuple(x.shape)}, expected (N, 1, {s}, {s}); run `{hint}` again")
+    if y.dtype != torch.int64 or y.dim() != 1:
+        raise DataError(f"{name}: labels are {str(y.dtype).removeprefix('torch.')} of shape {tuple(y.shape)}, "
+                        f"expected int64 (N,); run `{hint}` again")
+    if len(y) != len(x):
+        raise DataError(f"{name}: {len(x)} images but {len(y)} labels; run `{hint}` again")
+    bad = (y < 0) | (y > 9)
+    if bad.any():  # the index only on failure: the check stays one pass over the labels
+        i = int(bad.nonzero()[0, 0])
+        raise DataError(f"{name}: label {i} is {int(y[i])}, outside 0..9; run `{hint}` again")
+
+
 def load_raw(path: Path) -> dict:
     """Load the prepare stage's output, refusing a missing, tampered or malformed file."""
     path = Path(path)
@@ -203,10 +235,6 @@ def load_raw(path: Path) -> dict:
         raise UserError(f"{sidecar(path)} is missing or empty; run `{RAW_HINT}`") from None
     raw = load_checked(path, hint=RAW_HINT, expected_sha256=expected)
     for split in SPLITS:
-        d = raw.get(split) if isinstance(raw, dict) else None
-        x, y = (d.get("images"), d.get("labels")) if isinstance(d, dict) else (None, None)
-        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == torch.uint8
-                and x.dim() == 4 and x.shape[1:] == (1, 28, 28) and y.dtype == torch.int64 and y.shape == x.shape[:1]):
-            raise UserError(f"{path}: malformed {split} split; run `{RAW_HINT}` again")
+        check_digits(f"{path} ({split})", raw.get(split) if isinstance(raw, dict) else None, 28, RAW_HINT)
     return raw
 
