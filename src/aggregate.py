@@ -37,12 +37,23 @@ ROW_LABELS = {
     "st_cnn": "ST-CNN Aff", "st_cnn_proj": "ST-CNN Proj", "st_cnn_tps": "ST-CNN TPS",
 }
 BASELINE_PAIRS = [("fcn", "st_fcn"), ("cnn", "st_cnn")]
-DEVIATION = 1.3  # flag cells worse than the paper by more than 30 % relative
+DEVIATION = 1.3  # flag cells off the paper by more than this factor: worse (> 1.3 × paper) or better (< paper / 1.3)
 PAPER_STEPS = 150_000  # only cells trained at the paper's budget are compared with its numbers
 
 
 COLUMNS = ["model", "distortion", "seed", "key", "run", "test_err", "test_err_last", "test_err_best", "val_err_last",
-           "val_err_best", "n_params", "steps", "precision", "device", "hours", "commit"]
+           "val_err_best", "n_params", "steps", "precision", "device", "hours", "n_test", "commit", "commits"]
+
+
+def segment_commits(prov: dict) -> str:
+    """The distinct commits of a record's training segments in order, joined by " → " (the first is the commit
+    at its start, ``provenance['commit']``; a resumed run adds the commit it resumed at). Each in full, with
+    its "-dirty" suffix where src/ or conf/ had uncommitted changes."""
+    chain = []
+    for c in [prov.get("commit", "?")] + [s.get("commit", "?") for s in prov.get("segments", [])]:
+        if str(c) not in chain:
+            chain.append(str(c))
+    return " → ".join(chain)
 
 
 def collect(grid: dict, reports: Path) -> tuple[pd.DataFrame, dict]:
@@ -63,7 +74,8 @@ def collect(grid: dict, reports: Path) -> tuple[pd.DataFrame, dict]:
                                n_params=m["params"]["n"], steps=m["steps"], precision=rec.precision,
                                device=p.get("device", "?"),
                                hours=round(p.get("fit_seconds", float("nan")) / 3600, 2),
-                               commit=str(p.get("commit", "?"))[:10])
+                               n_test=len(rec.outcomes["pred"]),  # the size of the test set it was scored on
+                               commit=str(p.get("commit", "?")), commits=segment_commits(p))
                 rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS), records
 
@@ -82,12 +94,56 @@ def fmt(x: float, digits: int = 2) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def runs(df: pd.DataFrame, model: str, data: str) -> pd.DataFrame:
+    """The completed runs (seeds) of one table cell."""
+    return df[(df.model == model) & (df.distortion == data) & df.run]
+
+
 def ours(df: pd.DataFrame, model: str, data: str) -> str:
-    """Our test error of one table cell: '**mean** ± std (n)' over its seeds run, or 'not run'."""
-    errs = df[(df.model == model) & (df.distortion == data) & df.run].test_err.astype(float)
+    """Our test error of one table cell: '**mean** ± std (n=…)' over its seeds run (the sample standard
+    deviation, ddof=1, where n ≥ 2; the mean alone where n = 1), or 'not run'."""
+    errs = runs(df, model, data).test_err.astype(float)
     if not len(errs):
         return "not run"
-    return f"**{errs.mean():.2f}**" + (f" ± {errs.std(ddof=1):.2f}" if len(errs) > 1 else "") + f" ({len(errs)})"
+    return f"**{errs.mean():.2f}**" + (f" ± {errs.std(ddof=1):.2f}" if len(errs) > 1 else "") + f" (n={len(errs)})"
+
+
+def binomial_se(err: float, n_test: int) -> float:
+    """The binomial standard error of one run's test error, in percentage points: √(p(1−p)/n_test) with
+    p = err / 100, the spread of the error measured on another test set of n_test images drawn alike."""
+    p = err / 100
+    return 100 * math.sqrt(p * (1 - p) / n_test)
+
+
+def se_table(df: pd.DataFrame, grid: dict) -> pd.DataFrame:
+    """Rows = models, columns = distortions: ``binomial_se`` of each cell's mean test error over its seeds,
+    with the test-set size of its records (the smallest, should they differ); '–' where not run."""
+    def se(model: str, data: str) -> str:
+        g = runs(df, model, data)
+        return fmt(binomial_se(float(g.test_err.mean()), int(g.n_test.min()))) if len(g) else "–"
+    return pd.DataFrame({ROW_LABELS.get(model, model): {data.upper(): se(model, data) for data in grid["distortions"]}
+                         for model in grid["models"]}).T
+
+
+def test_sizes(df: pd.DataFrame) -> str:
+    """The test-set sizes of the records run, e.g. '10,000' (read from each record's predictions)."""
+    sizes = sorted({int(n) for n in df[df.run].n_test})
+    return " / ".join(f"{n:,}" for n in sizes) or "–"
+
+
+def se_section(df: pd.DataFrame, grid: dict) -> list[str]:
+    """The binomial standard errors of a table's cells, with their caption."""
+    if not df.run.any():
+        return []
+    return [
+        "Binomial standard error of one run, in percentage points: √(p(1−p)/n_test), p the cell's mean test "
+        f"error and n_test its test-set size (from the records' predictions: {test_sizes(df)} images). It is how "
+        "far one run's number would move on another test set drawn alike; the ± above is the spread over "
+        "training seeds on this one test set.",
+        "",
+        se_table(df, grid).to_markdown(disable_numparse=True),
+        "",
+    ]
 
 
 def table1(df: pd.DataFrame, grid: dict, refs: list[tuple[dict, int]]) -> pd.DataFrame:
@@ -243,17 +299,24 @@ def theta_table(grid: dict, records: dict, data_dir: Path) -> pd.DataFrame:
 
 
 def deviations(df: pd.DataFrame, paper: dict) -> list[str]:
-    """Cells at the paper's budget whose mean test error exceeds the paper's by more than DEVIATION×
-    (explained in reports/analysis.md); cells trained for fewer steps are not compared."""
-    out = []
+    """Cells at the paper's budget whose mean test error is off the paper's by more than a factor DEVIATION,
+    either way: **worse** (ours > DEVIATION × paper) first, then **better** (ours < paper / DEVIATION);
+    explained in reports/analysis.md. Cells trained for fewer steps are not compared."""
+    worse, better = [], []
     full = df[df.run & (df.steps >= PAPER_STEPS)] if df.run.any() else df[df.run]
     for (model, data), g in full.groupby(["model", "distortion"]):
         ref = paper.get(model, {}).get(data)
         ours = float(g.test_err.mean())
+        steps = ", ".join(f"{int(s):,}" for s in sorted(set(g.steps)))
+
+        def line(direction: str, ratio: str) -> str:
+            return (f"- **{direction}**: {ROW_LABELS.get(model, model)} on {data.upper()}: {ours:.2f} % vs the paper's "
+                    f"{ref} % ({ratio}) at {steps} steps")
         if ref and ours > DEVIATION * ref:
-            out.append(f"- {ROW_LABELS.get(model, model)} on {data.upper()}: {ours:.2f} % vs the paper's {ref} % "
-                       f"({ours / ref:.1f}×) at {', '.join(f'{int(s):,}' for s in sorted(set(g.steps)))} steps")
-    return out
+            worse.append(line("worse", f"{ours / ref:.1f}× the paper's"))
+        elif ref and ours * DEVIATION < ref:
+            better.append(line("better", f"the paper's is {ref / ours:.1f}× ours" if ours > 0 else "ours is 0"))
+    return worse + better
 
 
 def summary(df: pd.DataFrame, short_df: pd.DataFrame) -> dict:
@@ -269,14 +332,23 @@ def summary(df: pd.DataFrame, short_df: pd.DataFrame) -> dict:
     return out
 
 
+DIRTY = "-dirty"  # the suffix of a provenance commit whose src/ or conf/ had uncommitted changes
+
+
+def commit_cell(commits: str) -> str:
+    """A record's segment commits for the cell table, a dirty one marked **dirty**."""
+    return " → ".join(f"{c[:-len(DIRTY)]} **dirty**" if c.endswith(DIRTY) else c for c in str(commits).split(" → "))
+
+
 def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     done = df[df.run].copy()
+    done["commits"] = done.commits.map(commit_cell)
     cols = ["key", "test_err", "test_err_last", "test_err_best", "val_err_last", "val_err_best", "n_params", "steps",
-            "precision", "hours", "device", "commit"]
+            "precision", "hours", "device", "commits"]
     return done[cols].rename(columns={"key": "cell", "test_err": "test err %", "test_err_last": "last",
                                       "test_err_best": "best-val ckpt", "val_err_last": "val err % (last)",
                                       "val_err_best": "best val err %",
-                                      "n_params": "params", "hours": "fit hours"})
+                                      "n_params": "params", "hours": "fit hours", "commits": "commit"})
 
 
 def theta_markdown(thetas: pd.DataFrame) -> str:
@@ -351,8 +423,10 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
     lines += [
         "## Test error %",
         "",
-        "Each cell: **ours** mean ± std over seeds (n runs) · paper · seed report (Sun & Lin 2016, 40k iterations, "
-        f"1 run, affine only). Ours: the {table_ckpt} checkpoint (conf/config.yaml `eval.table_ckpt`); "
+        "Each cell: **ours** · paper · seed report (Sun & Lin 2016, 40k iterations, 1 run, affine only). Ours: "
+        "the mean test error over the n seeds run (n=…), ± the sample standard deviation over seeds (ddof = 1; "
+        "for n = 2 it is the two runs' difference / √2) where n ≥ 2, the single run's number where n = 1; "
+        f"the {table_ckpt} checkpoint (conf/config.yaml `eval.table_ckpt`); "
         "both the last and the best-validation checkpoint are in the per-cell table below. `not run`: no completed "
         "run of this cell; `–`: no reference number. The paper gives TC only in its text (no transform type); "
         "we place it on the affine rows.",
@@ -361,18 +435,21 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
         "",
         f"References: {refs['sources']}",
         "",
+        *se_section(df, grid),
     ]
     lines += [
         f"## Reduced budget: {short.steps:,} steps (the seed report's budget)",
         "",
         f"Cells of params.yaml's `short` grid, trained with `trainer=short` ({short.steps:,} steps, the same "
         "schedule shape), beside the seed report's single 40k-iteration runs (affine only). They are not "
-        "compared with the paper's 150k-step numbers. Each cell: **ours** (n runs) · seed report. The precision "
+        "compared with the paper's 150k-step numbers. Each cell: **ours** · seed report, ours as in Table 1 (mean, "
+        "± sample std over seeds where n ≥ 2, n=…). The precision "
         "of each cell (params.yaml `short.precision`) is in its row of the cell table below; the paired check of "
         "bf16-mixed against these cells' float32 records is in [decisions.md](decisions.md).",
         "",
         table1(short.df, short.grid, [(refs["seed"], 2)]).to_markdown(),  # beside the same budget only
         "",
+        *se_section(short.df, short.grid),
     ]
     if short.grid.get("reference"):
         lines += [f"Paired check of `model.precision` ([decisions.md](decisions.md)): these cells against their "
@@ -431,9 +508,11 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
         "",
         theta_markdown(full.thetas),
         "",
-        f"## Cells more than {int(round(100 * (DEVIATION - 1)))} % (relative) worse than the paper",
+        f"## Cells off the paper by more than a factor {DEVIATION:g}, worse or better",
         "",
-        f"Among the cells trained at the paper's budget ({PAPER_STEPS:,} steps); reduced-budget cells are not compared.",
+        f"Rule: a cell is **worse** when our mean test error is more than {DEVIATION:g}× the paper's, **better** when "
+        f"it is less than the paper's / {DEVIATION:g} (the same factor either way). Among the cells trained at the "
+        f"paper's budget ({PAPER_STEPS:,} steps); reduced-budget cells are not compared.",
         "",
         *(deviations(df, refs["paper"]) or ["_none_"]),
         "",
@@ -442,8 +521,9 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
         "## Every cell that was run",
         "",
         "Budget (steps), precision (`model.precision`), fit time (every segment of a resumed run), hardware and "
-        "the commit at the start of "
-        "each number above; the full config and every segment are in `reports/cells/<cell>/provenance.json`.",
+        "the commit of each number above, in full: the commit at its start, then (→) any other commit a resumed "
+        "run continued at; **dirty**: src/ or conf/ had uncommitted changes at that commit. The full config and "
+        "every segment are in `reports/cells/<cell>/provenance.json`.",
         "",
         cell_table(df).to_markdown(index=False) if df.run.any() else "_none yet_",
         "",

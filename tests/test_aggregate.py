@@ -62,8 +62,13 @@ def fake_split(root, data: str) -> dict:
     return split
 
 
-def fake_cell(root, model: str, data: str, seed: int, err: float, steps: int = 150_000, reports: str = "reports"):
-    """A complete record: metrics, provenance with its config, raw outcomes with `err` % wrong predictions."""
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fake_cell(root, model: str, data: str, seed: int, err: float, steps: int = 150_000, reports: str = "reports",
+              commits: tuple[str, ...] = (COMMIT,)):
+    """A complete record: metrics, provenance with its config and one segment per commit in `commits`, raw
+    outcomes with `err` % wrong predictions."""
     key = cell_name(model, data, seed)
     metrics = {"test": {"err": err, "err_last": err, "err_best": err + 0.1, "loss_last": 0.1},
                "val": {"err_last": err - 0.05, "err_best": err - 0.1}, "params": {"n": 118_000, "classifier": 0, "st": 0,
@@ -77,8 +82,8 @@ def fake_cell(root, model: str, data: str, seed: int, err: float, steps: int = 1
     cell = base / "cells" / key
     cell.mkdir(parents=True, exist_ok=True)
     cfg = OmegaConf.to_container(compose_config([f"model={model}", f"data={data}"]), resolve=True)
-    (cell / "provenance.json").write_text(json.dumps({"device": "test cpu", "commit": "abc", "fit_seconds": 3600,
-                                                      "config": cfg}))
+    (cell / "provenance.json").write_text(json.dumps({"device": "test cpu", "commit": commits[0], "fit_seconds": 3600,
+                                                      "segments": [{"commit": c} for c in commits], "config": cfg}))
     labels = torch.arange(N_TEST) % 10
     wrong = torch.arange(N_TEST) < round(err * N_TEST / 100)
     rec = {"pred": torch.where(wrong, (labels + 1) % 10, labels).to(torch.uint8), "test_sha256": "x"}
@@ -101,7 +106,7 @@ def test_aggregate_builds_table_and_figures_from_records_and_ignores_stale(tmp_p
     for d in ("r", "rts"):
         fake_split(root, d)
     fake_cell(root, "fcn", "r", 0, 2.0)
-    fake_cell(root, "fcn", "r", 1, 4.0)
+    fake_cell(root, "fcn", "r", 1, 4.0, commits=(COMMIT[::-1] + "-dirty", COMMIT))  # resumed at another commit
     fake_cell(root, "st_fcn", "r", 0, 1.0)
     fake_cell(root, "st_fcn_tps", "r", 0, 5.0)
     (root / "reports/metrics" / f"{cell_name('st_fcn_tps', 'r', 0)}.json").unlink()  # unfinished: no metrics
@@ -115,21 +120,33 @@ def test_aggregate_builds_table_and_figures_from_records_and_ignores_stale(tmp_p
 
     assert int(df.run.sum()) == 4 and len(df) == 12
     md = (root / "reports/results.md").read_text()
+    table = md.split("## Test error %")[1].split("Binomial standard error")[0]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in md.split("## Test error %")[1].split("## Reduced budget")[0].splitlines() if line.startswith("| ")}
-    assert rows["FCN"][0].startswith("**3.00** ± 1.41 (2) · 2.1 ·")  # mean ± sample std over the two seeds
-    assert rows["ST-FCN Aff"][0].startswith("**1.00** (1) · 1.2 ·")
-    assert rows["FCN"][1].startswith("**20.00** (1)") and rows["ST-FCN Aff"][1].startswith("not run")
+            for line in table.splitlines() if line.startswith("| ")}
+    assert rows["FCN"][0].startswith("**3.00** ± 1.41 (n=2) · 2.1 ·")  # mean ± sample std over the two seeds
+    assert rows["ST-FCN Aff"][0].startswith("**1.00** (n=1) · 1.2 ·")
+    assert rows["FCN"][1].startswith("**20.00** (n=1)") and rows["ST-FCN Aff"][1].startswith("not run")
+    assert "sample standard deviation over seeds (ddof = 1" in md.split("## Test error %")[1].split("|")[0]
+    # the binomial SE of one run, from the records' test-set size (60 predictions here, not 10,000)
+    se = md.split("Binomial standard error")[1].split("## Reduced budget")[0]
+    assert "from the records' predictions: 60 images" in se
+    se_rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+               for line in se.splitlines() if line.startswith("| ") and not line.startswith("|  ")}
+    assert se_rows["FCN"] == ["2.20", "5.16"]  # √(.03 × .97 / 60), √(.2 × .8 / 60)
+    assert se_rows["ST-FCN Aff"] == ["1.28", "–"] and se_rows["ST-FCN TPS"] == ["–", "–"]
     assert rows["ST-FCN TPS"][0].startswith("not run")
     assert "CNN" not in rows and "50.00" not in md and "60.00" not in md
     assert "**Reduced budget:** cells trained for 40,000 steps" in md
     short = md.split("## Reduced budget")[1].split("## Parameters")[0]
-    assert "| ST-CNN Aff | **3.50** (1) · 3.37" in short and "| CNN        | not run · 4.41" in short
+    assert "| ST-CNN Aff | **3.50** (n=1) · 3.37" in short and "| CNN        | not run · 4.41" in short
+    assert "| ST-CNN Aff |" in short.split("Binomial standard error")[1].split("Paired check")[0]  # its own SEs
     short_bins = short.split("**R**")[1].split("θ on the test set")[0]  # by angle, the ST-CNN's 3.5 % spread over bins
     assert [c.strip() for c in short_bins.splitlines()[2].split("|")[3:-1]] == ["ST-CNN Aff"]  # the CNN is not run
     assert f"| {cell_name('st_cnn', 'r', 0)} |" in short.split("below):")[-1]  # its θ statistics
-    flagged = md.split("worse than the paper")[1].split("What we found")[0]
-    assert "FCN on R: 3.00 % vs the paper's 2.1 %" in flagged and "ST-FCN" not in flagged and "RTS" not in flagged
+    flagged = md.split("## Cells off the paper by more than a factor 1.3, worse or better")[1].split("What we found")[0]
+    assert "more than 1.3× the paper's, **better** when it is less than the paper's / 1.3" in flagged  # the rule
+    assert "- **worse**: FCN on R: 3.00 % vs the paper's 2.1 % (1.4× the paper's)" in flagged
+    assert "ST-FCN" not in flagged and "RTS" not in flagged
 
     csv = pd.read_csv(root / "reports/results.csv")
     assert set(csv[csv.run].key) == {cell_name(*c) for c in [("fcn", "r", 0), ("fcn", "r", 1), ("st_fcn", "r", 0),
@@ -159,6 +176,11 @@ def test_aggregate_builds_table_and_figures_from_records_and_ignores_stale(tmp_p
     head, row = [[c.strip() for c in line.split("|")[1:-1]] for line in cells.splitlines()
                  if line.startswith("| cell") or line.startswith(f"| {cell_name('fcn', 'r', 0)} ")]
     assert dict(zip(head, row))["val err % (last)"] == "1.95" and dict(zip(head, row))["best val err %"] == "1.9"
+    assert dict(zip(head, row))["commit"] == COMMIT  # in full
+    resumed = next(line for line in cells.splitlines() if line.startswith(f"| {cell_name('fcn', 'r', 1)} "))
+    assert f"| {COMMIT[::-1]} **dirty** → {COMMIT} |" in resumed  # every segment's commit, the dirty one marked
+    assert csv.set_index("key").commit[cell_name("fcn", "r", 1)] == COMMIT[::-1] + "-dirty"
+    assert set(csv[csv.run].n_test) == {N_TEST}
     thetas = md.split("## θ on the test set")[1].split("## Cells more")[0]
     assert cell_name("st_fcn", "r", 0) in thetas and "r(rotation, angle)" in thetas
 
@@ -250,3 +272,54 @@ def test_paired_check_reads_the_reference_from_git_and_applies_the_rule(tmp_path
     bad = "\n".join(paired_check(df(("0-a-r", "bf16-mixed", 1.25), ("0-b-r", "bf16-mixed", 2.0)), ref, tmp_path))
     assert "**fails**" in bad and "False" in bad
     assert "not in this checkout" in paired_check(df(("0-a-r", "bf16-mixed", 1.0)), "0000000", tmp_path)[0]
+
+
+def test_ours_shows_the_sample_std_from_two_seeds_and_the_mean_alone_for_one():
+    from src.aggregate import ours
+
+    df = pd.DataFrame([{"model": "fcn", "distortion": d, "run": run, "test_err": e}
+                       for d, run, e in [("r", True, 1.0), ("r", True, 2.0), ("r", True, 6.0), ("p", True, 2.0),
+                                         ("p", True, 4.0), ("e", True, 3.0), ("e", False, float("nan")),
+                                         ("tc", False, float("nan"))]])
+    assert ours(df, "fcn", "r") == "**3.00** ± 2.65 (n=3)"  # √7 (ddof=1); the population std would be 2.16
+    assert ours(df, "fcn", "p") == "**3.00** ± 1.41 (n=2)"  # the difference / √2, not 1.00
+    assert ours(df, "fcn", "e") == "**3.00** (n=1)" and ours(df, "fcn", "tc") == "not run"
+
+
+def test_binomial_se_of_one_run():
+    from src.aggregate import binomial_se
+
+    assert abs(binomial_se(2.0, 10_000) - 0.14) < 1e-12  # √(0.02 × 0.98 / 10,000) = 0.0014
+    assert abs(binomial_se(50.0, 100) - 5.0) < 1e-12 and binomial_se(0.0, 10_000) == 0.0
+    assert binomial_se(1.0, 2_500) == 2 * binomial_se(1.0, 10_000)  # ∝ 1/√n_test
+
+
+def test_deviations_are_flagged_both_ways_by_the_same_factor():
+    from src.aggregate import DEVIATION, deviations
+
+    assert DEVIATION == 1.3
+    paper = {"fcn": {"r": 2.0, "rts": 2.0, "p": 2.0, "e": 2.0, "tc": 2.0}, "st_fcn": {"r": 2.0, "e": 2.0}}
+    df = pd.DataFrame([{"model": m, "distortion": d, "run": True, "test_err": e, "steps": steps}
+                       for m, d, e, steps in [
+                           ("fcn", "r", 2.7, 150_000),  # 1.35× the paper's: worse
+                           ("fcn", "rts", 2.5, 150_000),  # 1.25×: within
+                           ("fcn", "p", 1.5, 150_000), ("fcn", "p", 1.5, 150_000),  # the paper's is 1.33× ours: better
+                           ("fcn", "e", 1.6, 150_000),  # the paper's is 1.25× ours: within (but 20 % lower)
+                           ("fcn", "tc", 0.5, 40_000),  # far better, at a reduced budget: not compared
+                           ("st_fcn", "r", 5.0, 150_000), ("st_fcn", "r", 9.0, 40_000),  # its 150k run only: worse
+                           ("st_fcn", "e", 1.0, 150_000)]])  # better by 2×
+    assert deviations(df, paper) == [
+        "- **worse**: FCN on R: 2.70 % vs the paper's 2.0 % (1.4× the paper's) at 150,000 steps",
+        "- **worse**: ST-FCN Aff on R: 5.00 % vs the paper's 2.0 % (2.5× the paper's) at 150,000 steps",
+        "- **better**: FCN on P: 1.50 % vs the paper's 2.0 % (the paper's is 1.3× ours) at 150,000 steps",
+        "- **better**: ST-FCN Aff on E: 1.00 % vs the paper's 2.0 % (the paper's is 2.0× ours) at 150,000 steps"]
+
+
+def test_commit_cell_names_every_commit_in_full_and_marks_a_dirty_one():
+    from src.aggregate import commit_cell, segment_commits
+
+    a, b = "a" * 40, "b" * 40
+    prov = {"commit": a, "segments": [{"commit": a}, {"commit": b + "-dirty"}, {"commit": b + "-dirty"}]}
+    assert segment_commits(prov) == f"{a} → {b}-dirty"  # distinct, in order, the first is the start
+    assert commit_cell(segment_commits(prov)) == f"{a} → {b} **dirty**"
+    assert commit_cell(a) == a and commit_cell(segment_commits({"commit": a + "-dirty"})) == f"{a} **dirty**"
