@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -135,7 +136,9 @@ def report(df: pd.DataFrame, peak: dict, a: argparse.Namespace) -> str:
         "for the first convolution); `fp32` / `bf16-mixed`: the network as `src.models` builds it now, in float32 "
         "and under the `bf16-mixed` autocast of `model.precision`. FLOPs: FlopCounterMode, forward + backward.", "",
         f"Core GEMM peak, one thread, median over the races: fp32 {peak['fp32']:.0f} GFLOP/s, "
-        f"bf16 {peak['bf16']:.0f} GFLOP/s.", "",
+        f"bf16 {peak['bf16']:.0f} GFLOP/s. Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
+        "cores (other work on the machine slows steps and peak alike: read the percentages and ratios; the hours "
+        "are those of this load).", "",
         fmt(df), "",
         ("One seed of the CNN family (these 20 cells), step time × 150k steps: "
          f"before {seed_h['before']:.0f} h, fp32 {seed_h['fp32']:.0f} h, bf16-mixed {seed_h['bf16']:.0f} h of one core."
