@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -43,3 +44,19 @@ def test_bench_stn_missing_data_is_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "none.pt not found" in r.stderr and "dvc repro" in r.stderr, r.stderr  # the data, not a missing package
     assert not (tmp_path / "b.md").exists()
+
+
+def test_bench_conv_measures_the_path_against_the_peak(tmp_path):
+    """One tiny round of the CNN family's benchmark: every column is a real, positive number, the CPU and
+    its bf16 support are named, and the FLOP count is the network's (CNN on R: 3.9 GFLOP per step)."""
+    out = tmp_path / "conv.md"
+    r = subprocess.run([sys.executable, "bench/bench_conv.py", "--models", "cnn", "--distortions", "r", "--rounds", "1",
+                        "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = out.read_text()
+    assert "Native bfloat16:" in md and "GEMM peak" in md
+    row = next(line for line in md.splitlines() if line.startswith("| R "))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1] == "cnn" and 3.8 < float(cells[2]) < 4.0
+    assert all(float(c) > 0 for c in cells[3:])
