@@ -332,12 +332,12 @@ def summary(df: pd.DataFrame, short_df: pd.DataFrame) -> dict:
     return out
 
 
-DIRTY = "-dirty"  # the suffix of a provenance commit whose src/ or conf/ had uncommitted changes
+DIRTY = "-dirty"  # a provenance commit whose src/ or conf/ had uncommitted changes: <commit>-dirty[+<diff hash>]
 
 
 def commit_cell(commits: str) -> str:
-    """A record's segment commits for the cell table, a dirty one marked **dirty**."""
-    return " → ".join(f"{c[:-len(DIRTY)]} **dirty**" if c.endswith(DIRTY) else c for c in str(commits).split(" → "))
+    """A record's segment commits for the cell table, a dirty one marked **dirty** (with its diff hash, if any)."""
+    return " → ".join(c.replace(DIRTY, " **dirty** ").rstrip() for c in str(commits).split(" → "))
 
 
 def cell_table(df: pd.DataFrame) -> pd.DataFrame:

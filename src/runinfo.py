@@ -100,14 +100,33 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def git_commit() -> str:
+def _git(*args: str) -> bytes | None:
+    """The output of ``git <args>`` in REPO; None without git or without history (a GPU window's copy)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "conf"],
-                               cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else _commit_of_copy()
+        r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def git_commit() -> str:
+    """HEAD, or ``<HEAD>-dirty+<hash>`` where src/ or conf/ differ from it: the first 12 hex digits of the sha256
+    of ``git diff HEAD --binary -- src conf``, so records of two different uncommitted states never agree."""
+    head = _git("rev-parse", "HEAD")
+    if head is None:
         return _commit_of_copy()
+    diff = _git("diff", "HEAD", "--binary", "--no-color", "--no-ext-diff", "--", "src", "conf")
+    return head.decode().strip() + (f"-dirty+{hashlib.sha256(diff).hexdigest()[:12]}" if diff else "")
+
+
+def uncommitted(paths) -> list[str]:
+    """The files of ``paths`` (git pathspecs) that differ from HEAD, untracked ones included (not ignored ones);
+    none where there is no history to compare with (a GPU window's copy, a repository without commits)."""
+    if _git("rev-parse", "HEAD") is None:
+        return []
+    changed = (_git("diff", "HEAD", "--name-only", "-z", "--", *paths) or b"") + \
+        (_git("ls-files", "-z", "--others", "--exclude-standard", "--", *paths) or b"")
+    return sorted(f for f in changed.decode(errors="replace").split("\0") if f)
 
 
 def _commit_of_copy() -> str:

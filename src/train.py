@@ -9,6 +9,12 @@ A run directory holds one cell under any number of configs: ``<run_dir>/<fingerp
 checkpoints of one (config, training code) pair, so nothing of another config is ever deleted.
 The record (metrics, curve, provenance, raw outcomes of the test set) is written only when the run
 is complete, each file atomically and the metrics file last.
+
+A pipeline cell is a run that DVC started (``dvc repro`` sets ``DVC_STAGE`` for a stage's command). It
+refuses to start while anything its record depends on in git differs from HEAD (its stage's code in
+dvc.yaml, conf/, params.yaml, dvc.yaml): one line naming the files, exit 2, nothing written, so a
+committed record always names a commit that reproduces it. An exploratory run (any other) may run from
+a changed tree; its provenance records the commit as ``<commit>-dirty+<hash of the difference>``.
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ from src.config import cell_name, result_config, validate  # noqa: E402
 from src.data.datamodule import DistortedMNIST  # noqa: E402
 from src.models.build import build_model  # noqa: E402
 from src.models.module import Classifier  # noqa: E402
-from src.runinfo import (REPO, UserError, atomic_dir, compose_config, native_bf16, versions, write_atomic,  # noqa: E402
-                         write_json)
+from src.runinfo import (REPO, UserError, atomic_dir, compose_config, native_bf16, uncommitted, versions,  # noqa: E402
+                         write_atomic, write_json)
 
 CONF_DIR = REPO / "conf"
 FINGERPRINT = REPO / "src" / "fingerprint.json"
@@ -294,8 +300,29 @@ def _hydra_main(cfg: DictConfig) -> None:
           f"{m['params']['n']} parameters, {m['steps']} steps -> {cfg.paths.metrics_file}")
 
 
+def cell_sources(stage: str) -> list[str]:
+    """What a pipeline cell's record depends on in git: its stage's deps in dvc.yaml but the data (DVC's),
+    conf/ (composed as a whole), and the files its command comes from."""
+    import yaml
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    deps = stages.get(stage.split(":")[-1].split("@")[0], {}).get("deps", ["src"])
+    return sorted({d for d in deps if not d.startswith("data/")} | {"conf", "params.yaml", "dvc.yaml"})
+
+
+def check_committed() -> None:
+    """A pipeline cell starts only from committed sources (see the module docstring)."""
+    stage = os.environ.get("DVC_STAGE")
+    changed = uncommitted(cell_sources(stage)) if stage else []
+    if changed:
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise UserError(f"{stage}: uncommitted changes to {', '.join(changed[:5])}{more}; commit them before "
+                        f"`dvc repro`, or run `python -m src.train` outside the pipeline to explore")
+
+
 def main() -> None:
     try:
+        check_committed()
         check_overrides(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -323,3 +323,4 @@ def test_commit_cell_names_every_commit_in_full_and_marks_a_dirty_one():
     assert segment_commits(prov) == f"{a} → {b}-dirty"  # distinct, in order, the first is the start
     assert commit_cell(segment_commits(prov)) == f"{a} → {b} **dirty**"
     assert commit_cell(a) == a and commit_cell(segment_commits({"commit": a + "-dirty"})) == f"{a} **dirty**"
+    assert commit_cell(f"{a}-dirty+0123456789ab") == f"{a} **dirty** +0123456789ab"  # the hash of the difference

@@ -1,10 +1,13 @@
 """A cell run cannot lose work or mislead: bad values, a second run, a corrupt checkpoint, a diverging
-run and Hydra's own flags, each as a user meets them on the command line."""
+run, Hydra's own flags and a pipeline cell from uncommitted sources, each as a user meets them on the command line."""
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +19,9 @@ from src.callbacks import CurveRecorder, Diverged, DivergenceGuard
 from src.runinfo import REPO
 
 
-def run_cli(*args: str, timeout: int = 300):
-    return subprocess.run([sys.executable, "-m", "src.train", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+def run_cli(*args: str, timeout: int = 300, cwd=REPO, env=None):
+    return subprocess.run([sys.executable, "-m", "src.train", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 @pytest.fixture
@@ -136,3 +139,65 @@ def test_multirun_runs_each_cell_as_its_own_job(smoke, tmp_path):
     for s in (0, 1):
         m = json.loads(Path(f"{tmp_path}/runs/s{s}/metrics.json").read_text())
         assert m["steps"] == 20
+
+
+def git(cwd, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args],
+                          cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture
+def clone(tmp_path):
+    """A git repository holding this tree's sources and pipeline files, committed."""
+    repo = tmp_path / "repo"
+    for f in git(REPO, "ls-files", "src", "conf", "dvc.yaml", "params.yaml", ".gitignore").split():
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, repo / f)
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "sources")
+    return repo
+
+
+def append(path: Path, text: str = "# edited\n") -> None:
+    path.write_text(path.read_text() + text)
+
+
+def test_a_pipeline_cell_refuses_uncommitted_sources_an_exploratory_run_records_them(smoke, tmp_path, clone):
+    for f in ("conf/optim/sgd.yaml", "dvc.yaml", "params.yaml", "src/callbacks.py", "src/config.py", "src/train.py",
+              "src/aggregate.py"):  # the last is report code, no dependency of a cell
+        append(clone / f)
+    (clone / "src/models/extra.py").write_text("")  # untracked, where the cell's code lives
+    env = {k: v for k, v in os.environ.items() if k != "DVC_STAGE"}
+    r = run_cli(*smoke, cwd=clone, env={**env, "DVC_STAGE": "train@0-fcn-r"})
+    assert r.returncode == 2
+    assert one_error_line(r).startswith("error: train@0-fcn-r: uncommitted changes to conf/optim/sgd.yaml, dvc.yaml, "
+                                        "params.yaml, src/callbacks.py, src/config.py and 2 more;"), r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"] and not (clone / "outputs").exists()
+
+    r = run_cli(*smoke, cwd=clone, env=env)  # the same run outside the pipeline
+    assert r.returncode == 0, r.stderr
+    diff = subprocess.run(["git", "diff", "HEAD", "--binary", "--", "src", "conf"], cwd=clone,
+                          capture_output=True).stdout
+    dirty = f"{git(clone, 'rev-parse', 'HEAD').strip()}-dirty+{hashlib.sha256(diff).hexdigest()[:12]}"
+    prov = json.loads((tmp_path / "cell" / "provenance.json").read_text())
+    assert prov["commit"] == dirty and [s["commit"] for s in prov["segments"]] == [dirty]
+
+
+def test_a_clean_tree_records_its_commit_and_starts_a_pipeline_cell(tmp_path, clone, monkeypatch):
+    from src import runinfo, train
+
+    for module in (runinfo, train):
+        monkeypatch.setattr(module, "REPO", clone)
+    monkeypatch.setenv("DVC_STAGE", "short@0-fcn-r")
+    head = git(clone, "rev-parse", "HEAD").strip()
+    train.check_committed()
+    assert runinfo.git_commit() == head
+    append(clone / "src/viz.py")  # report code: the record is marked, the cell still starts
+    train.check_committed()
+    assert runinfo.git_commit().startswith(head + "-dirty+")
+    (clone / "conf/model/new.yaml").write_text("")
+    with pytest.raises(runinfo.UserError, match=r"short@0-fcn-r: uncommitted changes to conf/model/new\.yaml; commit"):
+        train.check_committed()
+    monkeypatch.setattr(runinfo, "REPO", tmp_path)  # no git history to compare with (a GPU window's copy)
+    train.check_committed()
