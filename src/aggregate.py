@@ -16,6 +16,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
 
@@ -28,7 +29,8 @@ import yaml  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from src.config import cell_name  # noqa: E402
-from src.records import INVARIANCE, N_BINS, binned_error, correct, load_record, test_split, theta_summary, transformer  # noqa: E402
+from src.records import (INVARIANCE, MIN_BIN_IMAGES, N_BINS, binned_error, correct, load_record,  # noqa: E402
+                         test_split, theta_summary, transformer)
 from src.runinfo import REPO, UserError, compose_config, write_atomic, write_json  # noqa: E402
 
 ROW_LABELS = {
@@ -36,7 +38,7 @@ ROW_LABELS = {
     "st_fcn": "ST-FCN Aff", "st_fcn_proj": "ST-FCN Proj", "st_fcn_tps": "ST-FCN TPS",
     "st_cnn": "ST-CNN Aff", "st_cnn_proj": "ST-CNN Proj", "st_cnn_tps": "ST-CNN TPS",
 }
-BASELINE_PAIRS = [("fcn", "st_fcn"), ("cnn", "st_cnn")]
+COLORS = {model: f"C{i}" for i, model in enumerate(ROW_LABELS)}  # one colour per model in every figure
 DEVIATION = 1.3  # flag cells off the paper by more than this factor: worse (> 1.3 × paper) or better (< paper / 1.3)
 PAPER_STEPS = 150_000  # only cells trained at the paper's budget are compared with its numbers
 
@@ -170,82 +172,157 @@ def completed(df: pd.DataFrame) -> set[str]:
     return set(df.key[df.run])
 
 
-def plot_curves(grid: dict, df: pd.DataFrame, reports: Path, path: Path, steps: int) -> list[str]:
-    """Validation error against step of the grid's first seed, a panel per distortion, from
-    ``reports/curves/``; returns the cells drawn."""
+def lr_drops(cfg: dict) -> list[int]:
+    """The steps at which a run's schedule multiplies the learning rate by ``optim.gamma``, from its config:
+    ``Classifier.milestones`` (milestones are fractions of max_steps, or absolute steps)."""
+    from src.models.module import Classifier
+
+    return Classifier.milestones(SimpleNamespace(optim_cfg=cfg["optim"], max_steps=cfg["trainer"]["max_steps"]))
+
+
+def step_axis(ax) -> None:
+    """Steps on the x axis as 0, 50k, 100k …: a few ticks that do not run together."""
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k" if x else "0"))
+
+
+def log_error_axis(ax) -> None:
+    """A log scale of error %, ticked 1, 2, 3, 5, 10, 20 …"""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # rather than 2×10⁰
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.grid(alpha=0.3, which="both")
+
+
+def legend_below(ax, ncol: int = 2) -> None:
+    """The panel's legend under its x label, off the data."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, fontsize=8, frameon=False)
+
+
+def plot_curves(grid: dict, df: pd.DataFrame, reports: Path, path: Path, steps: int, records: dict) -> list[str]:
+    """Validation error against step, a panel per distortion, from ``reports/curves/``: per model the mean over
+    its seeds (solid; at the steps every seed logged) and each seed faint, with the learning-rate drops of the
+    runs' schedules (``lr_drops`` of their recorded configs) dotted; returns the cells drawn."""
     ds, done, drawn = grid["distortions"], completed(df), []
-    fig, axes = plt.subplots(1, max(len(ds), 1), figsize=(4 * max(len(ds), 1), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, max(len(ds), 1), figsize=(4 * max(len(ds), 1), 4.2), squeeze=False)
     for ax, data in zip(axes[0], ds):
+        drops, gammas = set(), set()
         for model in grid["models"]:
-            key = cell_name(model, data, grid["seeds"][0])
-            f = reports / "curves" / f"{key}.csv"
-            if key in done and f.is_file():
-                c = pd.read_csv(f)
-                ax.plot(c.step, c.val_err, label=ROW_LABELS.get(model, model),
-                        ls="-" if model.startswith("st_") else "--")
-                drawn.append(key)
-        ax.set_title(f"{data.upper()} (seed {grid['seeds'][0]}, {steps // 1000}k steps)")
+            seeds = {}
+            for seed in grid["seeds"]:
+                key = cell_name(model, data, seed)
+                f = reports / "curves" / f"{key}.csv"
+                if key in done and f.is_file():
+                    seeds[seed] = pd.read_csv(f).drop_duplicates("step", keep="last").set_index("step").val_err
+                    drawn.append(key)
+                    if key in records:
+                        cfg = records[key].provenance["config"]
+                        drops.update(lr_drops(cfg))
+                        gammas.add(cfg["optim"]["gamma"])
+            if not seeds:
+                continue
+            color, label = COLORS.get(model), ROW_LABELS.get(model, model)
+            if len(seeds) > 1:
+                for c in seeds.values():
+                    ax.plot(c.index, c.values, color=color, lw=0.7, alpha=0.3)
+            mean = pd.concat(seeds, axis=1).dropna().mean(axis=1)
+            ax.plot(mean.index, mean.values, color=color, lw=1.5, label=f"{label} (n={len(seeds)})")
+        for i, step in enumerate(sorted(drops)):
+            ax.axvline(step, color="0.35", ls=":", lw=1,
+                       label=f"lr × {' / '.join(f'{g:g}' for g in sorted(gammas))}" if i == 0 else None)
+        ax.set_title(f"{data.upper()} ({steps // 1000}k steps)")
         ax.set_xlabel("step")
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))  # 1, 2, 5, 10, 20 …
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # rather than 2×10⁰
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.grid(alpha=0.3, which="both")
+        step_axis(ax)
+        log_error_axis(ax)
+        if ax.get_legend_handles_labels()[0]:
+            legend_below(ax)
     axes[0][0].set_ylabel("validation error %")
-    legend = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels())}  # every model once
-    if legend:
-        fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.tight_layout()
     save_figure(fig, path, dpi=110)
     return drawn
 
 
-def invariance(grid: dict, records: dict, data_dir: Path) -> pd.DataFrame:
-    """Test error binned by the recorded distortion strength (R: angle, RTS: scale, P: corner
-    displacement), every model with a record, every seed of a cell pooled: columns data, model,
-    lo, hi, mid, n (test images per bin), seeds, err."""
+Z95 = 1.959963984540054  # the standard normal quantile of a two-sided 95 % interval
+
+
+def wilson(wrong, trials, z: float = Z95):
+    """The Wilson score interval of a binomial proportion, in %: ``wrong`` of ``trials``; (lo, hi) as floats
+    for numbers, as arrays for sequences."""
+    k = pd.Series(wrong, dtype=float).to_numpy()
+    n = pd.Series(trials, dtype=float).to_numpy()
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    lo, hi = 100 * (centre - half).clip(0, 1), 100 * (centre + half).clip(0, 1)
+    return (float(lo[0]), float(hi[0])) if pd.api.types.is_scalar(wrong) else (lo, hi)
+
+
+INVARIANCE_COLUMNS = ["data", "model", "lo", "hi", "mid", "n", "seeds", "trials", "wrong", "err", "ci_lo", "ci_hi"]
+
+
+def invariance(grid: dict, records: dict, data_dir: Path, min_images: int = MIN_BIN_IMAGES) -> pd.DataFrame:
+    """Test error binned by the recorded distortion strength (R: angle, RTS: scale, P: corner displacement;
+    ``strength_bins``: N_BINS equal-width bins, those under ``min_images`` test images merged), every model with
+    a record, the seeds of a cell pooled (wrong predictions and predictions summed over them): columns data,
+    model, lo, hi, mid, n (test images per bin), seeds, trials (n × seeds), wrong, err and its 95 % Wilson
+    interval ci_lo, ci_hi (%)."""
     frames = []
     for data in (d for d in INVARIANCE if d in grid["distortions"]):
         for model in grid["models"]:
             recs = [records[k] for s in grid["seeds"] if (k := cell_name(model, data, s)) in records]
             if recs:
                 split = test_split(str(data_dir), data)  # cached
-                ok = torch.cat([correct(r, split) for r in recs])
-                b = binned_error(ok, INVARIANCE[data][1](split["params"]).repeat(len(recs)))
-                frames.append(b.assign(data=data, model=model, seeds=len(recs), n=b.n // len(recs)))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["data", "model", "lo", "hi", "mid", "n", "seeds", "err"])
+                ok = torch.stack([correct(r, split) for r in recs])
+                b = binned_error(ok, INVARIANCE[data][1](split["params"]), min_images=min_images)
+                lo, hi = wilson(b.wrong, b.trials)
+                frames.append(b.assign(data=data, model=model, seeds=len(recs), ci_lo=lo, ci_hi=hi))
+    return (pd.concat(frames, ignore_index=True)[INVARIANCE_COLUMNS] if frames
+            else pd.DataFrame(columns=INVARIANCE_COLUMNS))
 
 
 def plot_invariance(grid: dict, inv: pd.DataFrame, path: Path) -> None:
-    """``invariance`` of the baselines against their ST models, one panel per distortion."""
+    """``invariance`` of every model run, one panel per distortion: the pooled error of each bin with its 95 %
+    Wilson interval, on a log scale fitted to the intervals (sparse bins are merged before, so none sets it);
+    baselines dashed, ST models solid, the models of a panel drawn a little apart along x."""
     panels = [d for d in INVARIANCE if d in grid["distortions"]]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4.6), squeeze=False)
     for ax, data in zip(axes[0], panels):
         label = INVARIANCE[data][0]
-        for model in (m for pair in BASELINE_PAIRS for m in pair if m in grid["models"]):
-            b = inv[(inv.data == data) & (inv.model == model)]
-            if len(b):
-                ax.plot(b.mid, b.err, marker="o", label=f"{ROW_LABELS[model]} (n={int(b.seeds.iloc[0])})",
-                        ls="-" if model.startswith("st_") else "--")
+        d = inv[inv.data == data]
+        models = [m for m in grid["models"] if (d.model == m).any()]
+        for i, model in enumerate(models):
+            b = d[d.model == model]
+            shift = (i - (len(models) - 1) / 2) * 0.4 * float((b.hi - b.lo).min()) / max(len(models), 1)
+            yerr = [(b.err - b.ci_lo).clip(lower=0), (b.ci_hi - b.err).clip(lower=0)]
+            ax.errorbar(b.mid + shift, b.err, yerr=yerr, color=COLORS.get(model), marker="o",
+                        ms=3.5, lw=1.2, elinewidth=0.9, capsize=2, ls="-" if model.startswith("st_") else "--",
+                        label=f"{ROW_LABELS.get(model, model)} (n={int(b.seeds.iloc[0])})")
         ax.set_title(f"{data.upper()}: test error by {label.split(' (')[0]}")
         ax.set_xlabel(label)
-        ax.set_ylabel("test error %")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        ax.set_ylabel("test error % (95 % Wilson interval)")
+        if models:
+            log_error_axis(ax)
+            low = d.ci_lo[d.ci_lo > 0] if (d.ci_lo > 0).any() else d.err[d.err > 0]
+            if len(low):
+                ax.set_ylim(0.8 * float(low.min()), 1.25 * float(d.ci_hi.max()))
+            legend_below(ax)
         else:
-            ax.text(0.5, 0.5, "no baseline / ST cell run yet", ha="center", va="center", transform=ax.transAxes)
+            ax.grid(alpha=0.3)
+            ax.text(0.5, 0.5, "no cell run yet", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
 
 
 def invariance_tables(inv: pd.DataFrame) -> list[str]:
-    """One markdown table per distortion: a row per bin, a column per model (test error %)."""
+    """One markdown table per distortion, the data of its figure panel: a row per bin (merged as there), a
+    column per model headed with its seeds n: the pooled test error % [95 % Wilson interval]."""
     out = []
     for data, d in inv.groupby("data", sort=False):
-        wide = d.pivot_table(index=["lo", "hi", "n"], columns="model", values="err").reset_index()
-        width = float((wide.hi - wide.lo).iloc[0])
+        d = d.assign(cell=[f"{e:.2f} [{lo:.2f}, {hi:.2f}]" for e, lo, hi in zip(d.err, d.ci_lo, d.ci_hi)])
+        wide = d.pivot(index=["lo", "hi", "n"], columns="model", values="cell").reset_index()
+        seeds = d.groupby("model").seeds.first()
+        width = float((wide.hi - wide.lo).min())
         digits = 0 if width >= 5 else 1 if width >= 0.5 else 2
 
         def edge(v: float) -> str:
@@ -253,9 +330,24 @@ def invariance_tables(inv: pd.DataFrame) -> list[str]:
         table = pd.DataFrame({
             INVARIANCE[data][0]: [f"{edge(lo)} – {edge(hi)}" for lo, hi in zip(wide.lo, wide.hi)],
             "images": wide.n.astype(int),
-            **{ROW_LABELS[m]: wide[m].round(2) for m in ROW_LABELS if m in wide.columns}})
-        out += [f"**{data.upper()}**", "", table.to_markdown(index=False), ""]
+            **{f"{ROW_LABELS.get(m, m)} (n={int(seeds[m])})": wide[m] for m in d.model.unique()}})
+        aligned = table.to_markdown(index=False, disable_numparse=True,
+                                    colalign=["left"] + ["right"] * (table.shape[1] - 1))
+        out += [f"**{data.upper()}**", "", aligned, ""]
     return out
+
+
+def invariance_caption() -> str:
+    """How the figure and the tables of test error by distortion strength are made."""
+    return (f"Test error % in {N_BINS} equal-width bins of the recorded test-set parameter, for every model run. "
+            "Seeds pooled: a cell's wrong predictions and its predictions (test images × n seeds, n beside each "
+            f"model) are summed over its seeds. A bin with fewer than {MIN_BIN_IMAGES} test images is merged with "
+            "its neighbour (walking up from the smallest values, a sparse bin is joined by the next until the "
+            "group holds that many; a sparse group left at the top joins the one below), so no bin is that sparse "
+            "and none sets the figure's scale. Brackets and error bars: the 95 % Wilson score interval of the "
+            "pooled proportion. It counts every prediction as an independent trial, while a cell's seeds are "
+            "scored on the same images: it shows the test-set sampling error, not the spread over training seeds "
+            "(the ± of the tables above).")
 
 
 N_DRAWN = 8  # test images per learned-transform figure (the first ones of the test set)
@@ -461,7 +553,8 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
             "",
             "Validation error during training: [figures/short_curves.png](figures/short_curves.png). Learned "
             "transforms: " + (", ".join(transform_links(short.drawn)) or "_no ST cell run yet_") + ". Test error "
-            f"by distortion strength ({N_BINS} equal-width bins of the recorded test-set parameter, as below):",
+            "by distortion strength (bins, pooling and intervals as in the section \"Test error by distortion "
+            "strength\" below):",
             "",
             *(invariance_tables(short.inv) or ["_no R, RTS or P cell run yet_", ""]),
             "θ on the test set (the statistics of the section \"θ on the test set\" below):",
@@ -484,7 +577,15 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
         "",
         "![learning curves](figures/curves.png)",
         "",
+        "Validation error during training, a panel per distortion: per model the mean over its n seeds (solid, "
+        "at the steps every seed logged) and each seed (faint); dotted: the learning-rate drops of the schedule "
+        "(conf/optim `milestones`, read from the runs' recorded configs).",
+        "",
         "![error by distortion strength](figures/invariance.png)",
+        "",
+        "Test error by distortion strength, every model run, its n seeds pooled (legend), on a log scale; error "
+        "bars: 95 % Wilson score intervals; bins under "
+        f"{MIN_BIN_IMAGES} test images merged with a neighbour. The data and the rule: the section below.",
         "",
         "Learned transforms, drawn from each cell's recorded θ on the first test images (input, the sampled "
         "frame on the input, the transformer's output; caption: label, prediction): "
@@ -492,8 +593,8 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
         "",
         "## Test error by distortion strength",
         "",
-        f"The data of the figure above, for every model run: test error % in {N_BINS} equal-width bins of the "
-        "recorded test-set parameter (seeds pooled; `images`: test images per bin).",
+        "The data of the figure above. " + invariance_caption() + " `images`: test images per bin (each seed "
+        "scores every one).",
         "",
         *(invariance_tables(full.inv) or ["_no R, RTS or P cell run yet_", ""]),
         "## θ on the test set",
@@ -543,8 +644,9 @@ def aggregate(root: Path = REPO) -> pd.DataFrame:
     table_ckpt = OmegaConf.load(root / "conf/config.yaml").eval.table_ckpt
     df, records = collect(grid, reports)
     short_df, short_records = collect(short_grid, reports / "short")
-    plot_curves(grid, df, reports, reports / "figures" / "curves.png", steps[grid["profile"]])
-    plot_curves(short_grid, short_df, reports / "short", reports / "figures" / "short_curves.png", steps["short"])
+    plot_curves(grid, df, reports, reports / "figures" / "curves.png", steps[grid["profile"]], records)
+    plot_curves(short_grid, short_df, reports / "short", reports / "figures" / "short_curves.png", steps["short"],
+                short_records)
     inv = invariance(grid, records, data_dir)
     plot_invariance(grid, inv, reports / "figures" / "invariance.png")
     short_prefix = "short-"  # one figure folder for both budgets

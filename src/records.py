@@ -91,20 +91,45 @@ INVARIANCE = {
 
 
 N_BINS = 12  # equal-width bins of the recorded distortion strength, in the report and its figure
+MIN_BIN_IMAGES = 100  # fewer test images than this: the bin is merged with its neighbour (``strength_bins``)
 
 
-def binned_error(ok: torch.Tensor, values: torch.Tensor, n_bins: int = N_BINS) -> pd.DataFrame:
-    """Test error % in equal-width bins of ``values``: columns lo, hi, mid, n, err."""
+def strength_bins(values: torch.Tensor, n_bins: int = N_BINS,
+                  min_images: int = MIN_BIN_IMAGES) -> list[tuple[float, float, torch.Tensor]]:
+    """``n_bins`` equal-width bins of ``values`` (one per test image), sparse ones merged: walking from the
+    smallest values up, a bin with fewer than ``min_images`` images is joined by the next until the group holds
+    ``min_images``; a sparse group left at the top joins the one below it. Each bin: (lo, hi, image mask)."""
     v = values.double()
     edges = torch.linspace(float(v.min()), float(v.max()), n_bins + 1, dtype=torch.float64)
     idx = torch.bucketize(v, edges[1:-1], right=True)
-    rows = []
+    counts = torch.bincount(idx, minlength=n_bins).tolist()
+    groups, size = [[]], 0  # runs of bin indices
     for b in range(n_bins):
-        sel = idx == b
-        if int(sel.sum()):
-            rows.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(sel.sum()),
-                         "err": 100.0 * (1 - ok[sel].double().mean().item())})
-    df = pd.DataFrame(rows)
+        groups[-1].append(b)
+        size += counts[b]
+        if size >= min_images and b < n_bins - 1:
+            groups.append([])
+            size = 0
+    if len(groups) > 1 and size < min_images:
+        last = groups.pop()
+        groups[-1] += last
+    return [(float(edges[g[0]]), float(edges[g[-1] + 1]), (idx >= g[0]) & (idx <= g[-1])) for g in groups]
+
+
+def binned_error(ok: torch.Tensor, values: torch.Tensor, n_bins: int = N_BINS,
+                 min_images: int = MIN_BIN_IMAGES) -> pd.DataFrame:
+    """Test error % in the bins of ``strength_bins``, seeds pooled: ``ok`` is the per-image correctness of one
+    run (N,) or of several runs on the same test images (seeds, N), and each bin sums the wrong predictions and
+    the predictions over them. Columns lo, hi, mid, n (test images), trials (n × runs), wrong, err."""
+    ok = ok.reshape(-1, ok.shape[-1])
+    rows = []
+    for lo, hi, sel in strength_bins(values, n_bins, min_images):
+        n = int(sel.sum())
+        if n:
+            wrong = int((~ok[:, sel].bool()).sum())
+            rows.append({"lo": lo, "hi": hi, "n": n, "trials": n * len(ok), "wrong": wrong,
+                         "err": 100.0 * wrong / (n * len(ok))})
+    df = pd.DataFrame(rows, columns=["lo", "hi", "n", "trials", "wrong", "err"])
     df["mid"] = (df.lo + df.hi) / 2
     return df
 

@@ -6,7 +6,9 @@ import json
 import shutil
 import subprocess
 
+import matplotlib.pyplot
 import pandas as pd
+import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
@@ -141,7 +143,7 @@ def test_aggregate_builds_table_and_figures_from_records_and_ignores_stale(tmp_p
     assert "| ST-CNN Aff | **3.50** (n=1) · 3.37" in short and "| CNN        | not run · 4.41" in short
     assert "| ST-CNN Aff |" in short.split("Binomial standard error")[1].split("Paired check")[0]  # its own SEs
     short_bins = short.split("**R**")[1].split("θ on the test set")[0]  # by angle, the ST-CNN's 3.5 % spread over bins
-    assert [c.strip() for c in short_bins.splitlines()[2].split("|")[3:-1]] == ["ST-CNN Aff"]  # the CNN is not run
+    assert [c.strip() for c in short_bins.splitlines()[2].split("|")[3:-1]] == ["ST-CNN Aff (n=1)"]  # the CNN: not run
     assert f"| {cell_name('st_cnn', 'r', 0)} |" in short.split("below):")[-1]  # its θ statistics
     flagged = md.split("## Cells off the paper by more than a factor 1.3, worse or better")[1].split("What we found")[0]
     assert "more than 1.3× the paper's, **better** when it is less than the paper's / 1.3" in flagged  # the rule
@@ -154,7 +156,8 @@ def test_aggregate_builds_table_and_figures_from_records_and_ignores_stale(tmp_p
     summary = json.loads((root / "reports/summary.json").read_text())
     assert summary["err"] == {"r": {"fcn": 3.0, "st_fcn": 1.0}, "rts": {"fcn": 20.0}}
     assert summary["cells"][cell_name("fcn", "r", 1)] == 4.0 and summary["short"] == {cell_name("st_cnn", "r", 0): 3.5}
-    assert curves == {"curves.png": [cell_name("fcn", "r", 0), cell_name("st_fcn", "r", 0), cell_name("fcn", "rts", 0)],
+    assert curves == {"curves.png": [cell_name("fcn", "r", 0), cell_name("fcn", "r", 1), cell_name("st_fcn", "r", 0),
+                                     cell_name("fcn", "rts", 0)],  # every seed
                       "short_curves.png": [cell_name("st_cnn", "r", 0)]}  # each budget from its own records
     for name in ("curves.png", "short_curves.png", "invariance.png", f"transforms/{cell_name('st_fcn', 'r', 0)}.png"):
         assert (root / "reports/figures" / name).stat().st_size > 1000, name
@@ -166,12 +169,12 @@ def test_aggregate_builds_table_and_figures_from_records_and_ignores_stale(tmp_p
     inv = md.split("## Test error by distortion strength")[1].split("## θ on")[0]
     r_rows = [line.split("|") for line in inv.split("**R**")[1].split("**RTS**")[0].splitlines()
               if line.startswith("| ") and "images" not in line]
-    assert len(r_rows) == 12 and sum(int(r[2]) for r in r_rows) == N_TEST  # images per bin, not per seed
+    assert len(r_rows) == 1 and int(r_rows[0][2]) == N_TEST  # 60 images: every bin under 100, all merged in one
     head = inv.split("**R**")[1].splitlines()[2]
-    assert "FCN" in head and "ST-FCN Aff" in head and "ST-FCN TPS" not in head  # unfinished cells are not shown
-    # the FCN's two seeds (2 % and 4 % of the test images wrong) pooled, across the bins
-    fcn = sum(float(r[3]) * int(r[2]) for r in r_rows) / N_TEST
-    assert abs(fcn - 50 * (round(0.02 * N_TEST) + round(0.04 * N_TEST)) / N_TEST) < 0.05
+    assert "FCN (n=2)" in head and "ST-FCN Aff (n=1)" in head and "ST-FCN TPS" not in head  # unfinished: not shown
+    # the FCN's two seeds (1 and 2 of the 60 test images wrong) pooled: 3 of 120, with its Wilson interval
+    assert r_rows[0][3].strip() == "2.50 [0.85, 7.09]"
+    assert "95 % Wilson score interval" in inv and "fewer than 100 test images is merged" in inv
     cells = md.split("## Every cell that was run")[1]
     head, row = [[c.strip() for c in line.split("|")[1:-1]] for line in cells.splitlines()
                  if line.startswith("| cell") or line.startswith(f"| {cell_name('fcn', 'r', 0)} ")]
@@ -324,3 +327,112 @@ def test_commit_cell_names_every_commit_in_full_and_marks_a_dirty_one():
     assert commit_cell(segment_commits(prov)) == f"{a} → {b} **dirty**"
     assert commit_cell(a) == a and commit_cell(segment_commits({"commit": a + "-dirty"})) == f"{a} **dirty**"
     assert commit_cell(f"{a}-dirty+0123456789ab") == f"{a} **dirty** +0123456789ab"  # the hash of the difference
+
+
+def test_wilson_interval_of_known_cases():
+    from src.aggregate import wilson
+
+    lo, hi = wilson(5, 10)
+    assert abs(lo - 23.66) < 0.005 and abs(hi - 76.34) < 0.005  # the textbook 95 % interval of 5 in 10
+    assert wilson(0, 10) == (0.0, pytest.approx(100 * 1.96**2 / (10 + 1.96**2), abs=0.01))  # z²/(n + z²): 27.75 %
+    lo, hi = wilson([1, 9, 3], [10, 10, 120])  # arrays too; k and n − k mirror each other
+    assert lo[0] == pytest.approx(100 - hi[1]) and hi[0] == pytest.approx(100 - lo[1])
+    assert (lo[2], hi[2]) == (pytest.approx(0.854, abs=1e-3), pytest.approx(7.093, abs=1e-3))  # 3 in 120: 2.5 %
+
+
+def sparse_values() -> torch.Tensor:
+    """Strengths in 5 equal-width bins of [0, 5] holding 51, 300, 40, 300 and 31 images."""
+    return torch.cat([torch.tensor([0.0]), torch.full((50,), 0.5), torch.full((300,), 1.5), torch.full((40,), 2.5),
+                      torch.full((300,), 3.5), torch.full((30,), 4.5), torch.tensor([5.0])])
+
+
+def test_sparse_bins_are_merged_with_a_neighbour():
+    from src.records import MIN_BIN_IMAGES, binned_error, strength_bins
+
+    assert MIN_BIN_IMAGES == 100
+    v = sparse_values()
+    bins = [(lo, hi, int(sel.sum())) for lo, hi, sel in strength_bins(v, n_bins=5)]
+    # 51 < 100 joins the next (351); 40 joins the next (340); the 31 left at the top joins the one below (371)
+    assert bins == [(0.0, 2.0, 351), (2.0, 5.0, 371)]
+    assert [n for *_, n in [(0, 0, int(s.sum())) for *_, s in strength_bins(v, n_bins=5, min_images=0)]] == [
+        51, 300, 40, 300, 31]  # nothing merged at 0
+    assert [int(s.sum()) for *_, s in strength_bins(v[:60], n_bins=5)] == [60]  # fewer images than 100 in all: one bin
+    b = binned_error(torch.ones(len(v), dtype=torch.bool), v, n_bins=5)
+    assert list(b.n) == [351, 371] and list(b.mid) == [1.0, 3.5] and list(b.err) == [0.0, 0.0]
+
+
+def test_pooled_seeds_sum_wrong_predictions_and_images(tmp_path):
+    from src.aggregate import invariance
+    from src.records import binned_error, correct, load_record
+
+    split = fake_split(tmp_path, "r")
+    fake_cell(tmp_path, "fcn", "r", 0, 10.0)
+    fake_cell(tmp_path, "fcn", "r", 1, 30.0)
+    records = {k: load_record(tmp_path / "reports", k) for k in (cell_name("fcn", "r", 0), cell_name("fcn", "r", 1))}
+    grid = {"models": ["fcn"], "distortions": ["r"], "seeds": [0, 1]}
+    inv = invariance(grid, records, tmp_path / "data/distorted", min_images=0)  # 12 bins of 60 images
+    one = [binned_error(correct(r, split), split["params"]["angle"], min_images=0) for r in records.values()]
+    assert list(inv.wrong) == list(one[0].wrong + one[1].wrong) and inv.wrong.sum() == 6 + 18
+    assert list(inv.n) == list(one[0].n) and inv.n.sum() == N_TEST  # test images, each scored by both seeds
+    assert list(inv.trials) == list(2 * inv.n) and set(inv.seeds) == {2}
+    assert list(inv.err) == pytest.approx(list(100 * inv.wrong / inv.trials))
+    assert (inv.ci_lo <= inv.err).all() and (inv.err <= inv.ci_hi).all()
+    merged = invariance(grid, records, tmp_path / "data/distorted")  # the default: under 100 images, one bin
+    assert list(merged.n) == [N_TEST] and list(merged.wrong) == [24] and list(merged.trials) == [2 * N_TEST]
+
+
+def test_lr_drops_follow_the_schedule_rule():
+    from src.aggregate import lr_drops
+
+    cfg = OmegaConf.to_container(compose_config([]), resolve=True)
+    assert lr_drops(cfg) == [50_000, 100_000]  # thirds of 150k (conf/optim/sgd.yaml)
+    assert lr_drops({"optim": {"milestones": [120_000, 0.5]}, "trainer": {"max_steps": 150_000}}) == [75_000, 120_000]
+
+
+def test_plots_draw_every_seed_and_model_from_two_seed_records(tmp_path, monkeypatch):
+    from src.aggregate import collect, invariance, plot_curves, plot_invariance
+    from src.records import binned_error
+
+    figs = []
+    monkeypatch.setattr(src.aggregate, "save_figure", lambda fig, path, **kw: figs.append(fig))
+    fake_split(tmp_path, "r")
+    grid = {"models": ["fcn", "st_fcn", "st_fcn_tps"], "distortions": ["r", "e"], "seeds": [0, 1]}
+    for model, seed, err in [("fcn", 0, 10.0), ("fcn", 1, 20.0), ("st_fcn", 0, 5.0), ("st_fcn", 1, 5.0)]:
+        fake_cell(tmp_path, model, "r", seed, err)
+    df, records = collect(grid, tmp_path / "reports")
+
+    drawn = plot_curves(grid, df, tmp_path / "reports", tmp_path / "curves.png", 150_000, records)
+    assert drawn == [cell_name(m, "r", s) for m in ("fcn", "st_fcn") for s in (0, 1)]
+    ax = figs[0].axes[0]
+    figs[0].canvas.draw()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["FCN (n=2)", "ST-FCN Aff (n=2)", "lr × 0.1"]
+    faint = [line for line in ax.get_lines() if line.get_alpha() == 0.3]
+    assert len(faint) == 4 and all(len(line.get_xdata()) == 2 for line in faint)  # each seed of each model
+    fcn_mean = next(line for line in ax.get_lines() if line.get_label() == "FCN (n=2)")
+    assert list(fcn_mean.get_ydata()) == [20.0, 14.95]  # the seeds' mean at each step: (15 + 25) / 2, …
+    drops = [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == ":"]
+    assert drops == [50_000, 100_000]  # the learning-rate drops of the records' schedule
+    ticks = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert 2 <= len(ticks) <= 6 and all(t == "0" or t.endswith("k") for t in ticks) and "50k" in ticks
+    assert figs[0].axes[1].get_legend() is None  # E: nothing run
+
+    inv = invariance(grid, records, tmp_path / "data/distorted", min_images=0)
+    plot_invariance(grid, inv, tmp_path / "invariance.png")
+    ax = figs[1].axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["FCN (n=2)", "ST-FCN Aff (n=2)"]
+    assert len(ax.containers) == 2  # an error-bar set per model
+
+    # a sparse top bin, every image wrong, is merged before it is drawn: it does not set the scale
+    v = sparse_values()
+    ok = (torch.arange(len(v)) % 50 != 0) & (v < 4)  # 2 % wrong, and the 31 images of the top bin all wrong
+    b = binned_error(torch.stack([ok, ok]), v, n_bins=5)
+    assert list(b.n) == [351, 371] and b.err.max() < 15
+    sparse = binned_error(torch.stack([ok, ok]), v, n_bins=5, min_images=0)
+    assert sparse.err.max() == 100.0  # what an unmerged figure would have to show
+    lo, hi = src.aggregate.wilson(b.wrong, b.trials)
+    plot_invariance({"models": ["fcn"], "distortions": ["r"]},
+                    b.assign(data="r", model="fcn", seeds=2, ci_lo=lo, ci_hi=hi), tmp_path / "sparse.png")
+    assert figs[2].axes[0].get_ylim()[1] < 20
+    for fig in figs:
+        matplotlib.pyplot.close(fig)
