@@ -37,6 +37,7 @@ from src.config import cell_name, result_config, validate  # noqa: E402
 from src.data.datamodule import DistortedMNIST  # noqa: E402
 from src.models.build import build_model  # noqa: E402
 from src.models.module import Classifier  # noqa: E402
+from src.plan import start_line  # noqa: E402
 from src.runinfo import (REPO, UserError, atomic_dir, compose_config, native_bf16, versions, write_atomic,  # noqa: E402
                          write_json)
 
@@ -184,6 +185,7 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     validate(cfg)
     label = cell_name(cfg.model.name, cfg.data.name, cfg.seed)
     quiet_lightning(cfg.quiet)
+    log.info(start_line(cfg, label))  # cell, steps, device, precision, projected time (src.plan): logging only
     if note := emulated_bf16(cfg):
         print(note, file=sys.stderr)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -197,6 +199,8 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     ckpt_dir = run_dir / fingerprint[:12] / "checkpoints"
     with cell_lock(run_dir, label):
         resume_from = resume_point(ckpt_dir) if cfg.resume else None
+        if resume_from is not None:
+            log.info(f"resuming {label} from step {_readable_step(resume_from)} ({resume_from})")
         write_atomic(ckpt_dir.parent / "fingerprint.txt", fingerprint + "\n")
         curve, segments = CurveRecorder(), Segments()
         milestones = module.milestones()
