@@ -39,6 +39,13 @@ ROW_LABELS = {
     "st_cnn": "ST-CNN Aff", "st_cnn_proj": "ST-CNN Proj", "st_cnn_tps": "ST-CNN TPS",
 }
 COLORS = {model: f"C{i}" for i, model in enumerate(ROW_LABELS)}  # one colour per model in every figure
+
+
+def paper_order(models: list[str]) -> list[str]:
+    """The models in the paper's row order (ROW_LABELS), any other after them: params.yaml lists them in the
+    order the pipeline trains them (cheapest first), which is no order of the report."""
+    rank = {m: i for i, m in enumerate(ROW_LABELS)}
+    return sorted(models, key=lambda m: (rank.get(m, len(rank)), models.index(m)))
 DEVIATION = 1.3  # flag cells off the paper by more than this factor: worse (> 1.3 × paper) or better (< paper / 1.3)
 PAPER_STEPS = 150_000  # only cells trained at the paper's budget are compared with its numbers
 
@@ -635,7 +642,8 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
 def aggregate(root: Path = REPO) -> pd.DataFrame:
     params = yaml.safe_load((root / "params.yaml").read_text())
     grid = {k: params[k] for k in ("models", "distortions", "seeds", "profile")}
-    short_grid = params["short"]  # the reduced-budget grid: dvc.yaml's short@ stages
+    grid["models"] = paper_order(grid["models"])
+    short_grid = {**params["short"], "models": paper_order(params["short"]["models"])}  # dvc.yaml's short@ stages
     reports, data_dir = root / "reports", root / "data" / "distorted"
     paper = yaml.safe_load((root / "conf/reference/paper.yaml").read_text())
     seed = yaml.safe_load((root / "conf/reference/seed_report.yaml").read_text())

@@ -21,6 +21,13 @@ from src.runinfo import UserError
 # transformer's grid and sampler in float32); src.fingerprint runs the same autocast.
 PRECISIONS = ("32-true", "bf16-mixed")
 
+def precision_of(config: dict) -> str:
+    """The training precision a record's config names: ``model.precision``, or ``trainer.precision`` in records
+    made before it became a model key (all float32)."""
+    return str((config.get("model") or {}).get("precision") or (config.get("trainer") or {}).get("precision")
+               or "32-true")
+
+
 # Keys that change where a run writes or how it talks, not what it computes.
 NON_RESULT_KEYS = ("paths", "quiet", "resume", "hydra", "guard")
 

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
+from src.config import precision_of
 from src.runinfo import UserError, load_checked
 
 
@@ -34,10 +35,7 @@ class Record:
 
     @property
     def precision(self) -> str:
-        """The cell's training precision: ``model.precision``, or ``trainer.precision`` in records made before
-        it became a model key (all float32)."""
-        cfg = self.provenance["config"]
-        return str(cfg.get("model", {}).get("precision") or cfg.get("trainer", {}).get("precision") or "32-true")
+        return precision_of(self.provenance["config"])
 
     @property
     def theta(self) -> torch.Tensor | None:

@@ -190,6 +190,9 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     validate(cfg)
     label = cell_name(cfg.model.name, cfg.data.name, cfg.seed)
     quiet_lightning(cfg.quiet)
+    from src.plan import start_line  # logging only (cell, steps, device, precision, projected time): no result depends on it
+
+    log.info(start_line(cfg, label))
     if note := emulated_bf16(cfg):
         print(note, file=sys.stderr)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -203,6 +206,8 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     ckpt_dir = run_dir / fingerprint[:12] / "checkpoints"
     with cell_lock(run_dir, label):
         resume_from = resume_point(ckpt_dir) if cfg.resume else None
+        if resume_from is not None:
+            log.info(f"resuming {label} from step {_readable_step(resume_from)} ({resume_from})")
         write_atomic(ckpt_dir.parent / "fingerprint.txt", fingerprint + "\n")
         curve, segments = CurveRecorder(), Segments()
         milestones = module.milestones()

@@ -1,0 +1,391 @@
+"""What ``dvc repro`` will train, in its order, and how long each cell takes here; run it before ``dvc repro``.
+
+    python -m src.plan                # the stale train@/short@ cells in dvc repro's order, projected times, total
+    python -m src.plan --hours 8      # the cheapest stale cells that finish in 8 h here, and the command for them
+    python -m src.plan [--hours 8] --run   # the same, then run it (without --hours: plain `dvc repro`)
+
+The cells are the train@ and short@ stages that ``dvc status`` reports as changed, in the order
+``dvc repro`` runs them (DVC's own planning). A dependency that is missing and that another stage
+produces (the data of a fresh clone) is no change: the data stages regenerate it bit-identically.
+
+A cell's projected time comes, first, from the records of finished cells of the same model and
+distortion (``fit_seconds / steps`` × the cell's steps; the median over the records of this CPU model
+and the cell's precision, else the nearest: another CPU, another precision scaled by the benchmark's
+bf16/fp32 ratio); else from a benchmark table (reports/bench/conv.md for the CNN family, section 4 of
+reports/benchmarks.md), calibrated by the records that both have; else it is unknown. Each number
+says where it came from. A cell projected beyond ``REACH_HOURS`` on a CPU is marked: train it on a
+GPU (README "GPU window") or on a cluster (README "A cluster").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from src.config import precision_of
+from src.runinfo import REPO, UserError
+
+REACH_HOURS = 24.0  # a cell projected beyond this on a CPU: the GPU window or the cluster
+BEYOND = "beyond a CPU's reach: GPU window or cluster"
+# benchmark tables: file, the column of the step time of each precision, its unit in seconds
+BENCH_TABLES = (("reports/bench/conv.md", {"32-true": "fp32 (ms)", "bf16-mixed": "bf16-mixed (ms)"}, 1e-3),
+                ("reports/benchmarks.md", {"32-true": "s / step"}, 1.0))
+CELL_STAGES = ("train@", "short@")
+CODE_DEPS = "src/"  # a training-code dependency; src/fingerprint.json is the result it must keep
+
+
+# ------------------------------------------------------------------ what was measured
+
+@dataclass
+class Measured:
+    """One finished cell's time per step, or one benchmark row's."""
+    model: str
+    data: str
+    precision: str
+    s_per_step: float
+    device: str = ""  # the CPU model or GPU, without the core and thread counts
+    key: str = ""
+    cpu: bool = True
+
+
+def machine(device: str) -> str:
+    """'AMD EPYC (2 cores, 1 threads)' → 'AMD EPYC': records of one CPU model compare across core counts."""
+    return device.split(" (")[0].strip()
+
+
+def load_records(reports: Path) -> list[Measured]:
+    """Every finished cell's time per step (reports/cells and reports/short/cells)."""
+    out = []
+    for path in sorted([*reports.glob("cells/*/provenance.json"), *reports.glob("short/cells/*/provenance.json")]):
+        try:
+            p = json.loads(path.read_text())
+            cfg, steps, secs = p["config"], int(p["steps"]), float(p["fit_seconds"])
+            precision = precision_of(cfg)
+            if steps > 0 and secs > 0:
+                out.append(Measured(cfg["model"]["name"], cfg["data"]["name"], str(precision), secs / steps,
+                                    machine(p.get("device", "")), p.get("cell", path.parent.name),
+                                    p.get("accelerator", "cpu") == "cpu"))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable or foreign: no evidence
+    return out
+
+
+def md_tables(text: str) -> list[list[dict]]:
+    """The pipe tables of a markdown text, each as a list of {column: cell text}."""
+    tables, block = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif block:
+            if len(block) > 2:
+                tables.append([dict(zip(block[0], row)) for row in block[2:]])
+            block = []
+    return tables
+
+
+def load_bench(root: Path) -> list[tuple[str, list[Measured]]]:
+    """Each benchmark table's step times: [(file, rows)], in the order they are consulted."""
+    out = []
+    for name, columns, unit in BENCH_TABLES:
+        try:
+            text = (root / name).read_text()
+        except OSError:
+            continue
+        rows = []
+        for table in md_tables(text):
+            if not table or not {"model", "distortion"} <= set(table[0]) or not set(columns.values()) & set(table[0]):
+                continue
+            for r in table:
+                for precision, col in columns.items():
+                    try:
+                        rows.append(Measured(r["model"], r["distortion"].lower(), precision, float(r[col]) * unit))
+                    except (KeyError, ValueError):
+                        pass
+        if rows:
+            out.append((name, rows))
+    return out
+
+
+# ------------------------------------------------------------------ the projection
+
+def project(model: str, data: str, steps: int, precision: str, device: str, records: list[Measured],
+            bench: list[tuple[str, list[Measured]]], cpu: bool = True) -> tuple[float | None, str]:
+    """(seconds, where the number comes from) of one cell of ``steps`` steps on ``device`` (a CPU, or a GPU:
+    only its own records count there); (None, why) if unknown."""
+    here = machine(device)
+    records = [r for r in records if r.cpu == cpu and (cpu or r.device == here)]
+    same = [r for r in records if (r.model, r.data) == (model, data)]
+    tiers = [(p, d) for p in (True, False) for d in (True, False)]  # same precision first, then same machine
+    for same_prec, same_dev in tiers:
+        pick = [r for r in same if (r.precision == precision) == same_prec and (r.device == here) == same_dev]
+        if not pick:
+            continue
+        s = statistics.median(r.s_per_step for r in pick)
+        what = f"record {pick[0].key}" if len(pick) == 1 else f"median of {len(pick)} records"
+        what += "" if same_dev else f" on {pick[0].device}"
+        if not same_prec:
+            ratio = _precision_ratio(model, data, pick[0].precision, precision, bench)
+            s *= ratio or 1.0
+            what += f" at {pick[0].precision}" + (f" ×{ratio:.2f} ({precision} by the benchmark)" if ratio else "")
+        return s * steps, what
+    if cpu:  # the benchmark tables time a CPU core
+        for name, rows in bench:
+            row = next((r for r in rows if (r.model, r.data, r.precision) == (model, data, precision)), None)
+            if row is None:
+                continue
+            factor, n = _calibration(rows, records, here)
+            what = Path(name).name + (f" ×{factor:.2f} (calibrated on {_n(n, 'record')})" if n else " (step only)")
+            return row.s_per_step * factor * steps, what
+    return None, "no record or benchmark" if cpu else f"no record on {here}"
+
+
+def _precision_ratio(model, data, have, want, bench) -> float | None:
+    for _, rows in bench:
+        t = {r.precision: r.s_per_step for r in rows if (r.model, r.data) == (model, data)}
+        if have in t and want in t:
+            return t[want] / t[have]
+    return None
+
+
+def _calibration(rows: list[Measured], records: list[Measured], here: str) -> tuple[float, int]:
+    """Median of record / benchmark over the cells both have (this CPU model's records if any): the benchmark
+    times one step of an idle or loaded core, a record the whole cell (data, evaluation, the loop)."""
+    bench = {(r.model, r.data, r.precision): r.s_per_step for r in rows}
+    pairs = [(r, bench[k]) for r in records if (k := (r.model, r.data, r.precision)) in bench]
+    local = [p for p in pairs if p[0].device == here]
+    pairs = local or pairs
+    if not pairs:
+        return 1.0, 0
+    return statistics.median(r.s_per_step / b for r, b in pairs), len(pairs)
+
+
+def run_device(accelerator: str) -> tuple[str, bool]:
+    """(the device a cell with ``trainer.accelerator`` runs on here, as its record names it; is it a CPU)."""
+    import torch
+
+    from src.runinfo import device_name
+
+    cuda = torch.cuda.is_available() and str(accelerator) in ("auto", "gpu", "cuda")
+    return device_name(torch.device("cuda" if cuda else "cpu")), not cuda
+
+
+def _n(k: int, word: str) -> str:
+    return f"{k} {word}{'' if k == 1 else 's'}"
+
+
+def hours(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    h = seconds / 3600
+    return f"{seconds / 60:.0f} min" if h < 1 else f"{h:.1f} h" if h < 48 else f"{h:.0f} h ({h / 24:.0f} days)"
+
+
+def start_line(cfg, label: str) -> str:
+    """A cell's first line: ``<cell>: <steps> steps on <device>, precision <p>, projected <time>``."""
+    steps, precision = int(cfg.trainer.max_steps), str(cfg.model.precision)
+    device, seconds = str(cfg.trainer.accelerator), None
+    try:
+        device, cpu = run_device(cfg.trainer.accelerator)
+        seconds, _ = project(str(cfg.model.name), str(cfg.data.name), steps, precision, device,
+                             load_records(REPO / "reports"), load_bench(REPO), cpu)
+    except Exception:  # noqa: BLE001 - a projection never stops a run
+        pass
+    return f"{label}: {steps} steps on {device}, precision {precision}, projected {hours(seconds)}"
+
+
+# ------------------------------------------------------------------ the cells dvc repro would train
+
+def repro_stages(root: Path = REPO) -> tuple[list[dict], set[str]]:
+    """Every stage in the order ``dvc repro`` runs them, as {stage, cmd, changes} (``dvc status``'s entries,
+    empty when up to date), and the paths the stages produce."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+    from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
+
+    try:
+        with Repo(str(root)) as repo:
+            order = plan_repro(get_active_graph(repo.index.graph), collect_stages(repo, ["dvc.yaml"]))
+            status = repo.status()
+            stages = [{"stage": s.addressing, "cmd": s.cmd, "changes": status.get(s.addressing, [])} for s in order]
+            outs = {str(o.def_path) for s in order for o in s.outs}
+    except DvcException as e:
+        raise UserError(f"dvc status failed: {e}") from None
+    return stages, outs
+
+
+def _changed(changes: list, outs: set[str]) -> tuple[bool, bool]:
+    """(will it run, is it stale through training code only): a missing dependency that a stage produces
+    is regenerated, so it is no change; code-only means every change is a modified file under src/ other
+    than src/fingerprint.json, with the record in place (``dvc commit -f`` re-locks it if the fingerprint holds)."""
+    rest, code_only = [], True
+    for entry in changes:
+        if not isinstance(entry, dict):
+            rest.append(entry)
+            code_only = False
+            continue
+        for kind, paths in entry.items():
+            for path, what in (paths.items() if isinstance(paths, dict) else [(paths, None)]):
+                if kind == "changed deps" and what == "deleted" and path in outs:
+                    continue
+                rest.append(path)
+                code_only &= (kind == "changed deps" and what == "modified" and str(path).startswith(CODE_DEPS)
+                              and path != "src/fingerprint.json")
+    return bool(rest), bool(rest) and code_only
+
+
+@dataclass
+class Cell:
+    stage: str
+    model: str
+    data: str
+    seed: int
+    steps: int
+    precision: str
+    device: str
+    cpu: bool = True
+    seconds: float | None = None
+    source: str = ""
+    code_only: bool = False
+
+    @property
+    def beyond(self) -> bool:
+        return self.seconds is not None and self.seconds > REACH_HOURS * 3600 and self.cpu
+
+
+def stage_cell(stage: str, cmd: str) -> Cell:
+    """A train@/short@ stage's cell from its command: model, data, seed, steps, precision, device."""
+    from omegaconf import OmegaConf
+
+    args = dict(a.split("=", 1) for a in shlex.split(cmd) if "=" in a and not a.startswith("-"))
+    trainer = OmegaConf.load(REPO / "conf" / "trainer" / f"{args.get('trainer', 'full')}.yaml")
+    model = OmegaConf.load(REPO / "conf" / "model" / f"{args['model']}.yaml")
+    return Cell(stage, args["model"], args["data"], int(args.get("seed", 0)),
+                int(args.get("trainer.max_steps", trainer.max_steps)),
+                str(args.get("model.precision", model.get("precision", "32-true"))),
+                *run_device(args.get("trainer.accelerator", trainer.accelerator)))
+
+
+def plan(root: Path = REPO) -> tuple[list[Cell], list[str]]:
+    """The cells ``dvc repro`` would train, in its order, each projected; and the other stages it would run."""
+    stages, outs = repro_stages(root)
+    records, bench = load_records(root / "reports"), load_bench(root)
+    cells, others = [], []
+    for s in stages:
+        runs, code_only = _changed(s["changes"], outs)
+        if not runs:
+            continue
+        if not s["stage"].startswith(CELL_STAGES):
+            others.append(s["stage"])
+            continue
+        c = stage_cell(s["stage"], s["cmd"])
+        c.seconds, c.source = project(c.model, c.data, c.steps, c.precision, c.device, records, bench, c.cpu)
+        c.code_only = code_only
+        cells.append(c)
+    return cells, others
+
+
+def fit(cells: list[Cell], limit_hours: float) -> list[Cell]:
+    """The cheapest cells of known time whose sum stays within ``limit_hours`` (greedy), to be trained
+    seed by seed, cheapest first within a seed."""
+    chosen, total = [], 0.0
+    for c in sorted((c for c in cells if c.seconds is not None), key=lambda c: c.seconds):
+        if total + c.seconds > limit_hours * 3600:
+            break
+        chosen.append(c)
+        total += c.seconds
+    return sorted(chosen, key=lambda c: (c.seed, c.seconds))
+
+
+def command(cells: list[Cell]) -> list[list[str]]:
+    """The commands that train exactly these cells in this order: their data first, then each stage alone."""
+    data = sorted({f"distort@{c.data}" for c in cells})
+    return [["dvc", "repro", *data], ["dvc", "repro", "-s", *[c.stage for c in cells]]] if cells else []
+
+
+def one_liner(cmds: list[list[str]]) -> str:
+    return " && ".join(shlex.join(c) for c in cmds)
+
+
+def table(cells: list[Cell]) -> list[str]:
+    lines = []
+    for i, c in enumerate(cells, 1):
+        mark = f"  {BEYOND}" if c.beyond else ""
+        lines.append(f"{i:>4}  {c.stage:<24} {c.steps:>7} steps  {c.precision:<10} {hours(c.seconds):>16}  "
+                     f"[{c.source}]{mark}")
+    return lines
+
+
+def total_line(cells: list[Cell]) -> str:
+    known = [c.seconds for c in cells if c.seconds is not None]
+    unknown = len(cells) - len(known)
+    return (f"total: {hours(sum(known))} for {len(known)} cells, one after another"
+            + (f"; {unknown} more of unknown time" if unknown else ""))
+
+
+def report(cells: list[Cell], others: list[str], limit_hours: float | None) -> tuple[list[str], list[list[str]]]:
+    """The printed plan and the commands it proposes."""
+    if not cells:
+        return ([f"dvc repro trains no cell: every train@/short@ stage is up to date"
+                 + (f" (it runs {', '.join(others)})" if others else "")], [["dvc", "repro"]] if others else [])
+    device = cells[0].device
+    lines = [f"dvc repro would train {len(cells)} cells on {machine(device)}"]
+    if limit_hours is None:  # the whole plan; with --hours only what fits
+        lines[0] += ", in this order (projected from the records of finished cells and the benchmarks):"
+        lines += table(cells)
+    lines.append(total_line(cells))
+    if others:
+        lines.append(f"and run {len(others)} other stages: {', '.join(others)}")
+    beyond = [c for c in cells if c.beyond]
+    if beyond:
+        lines.append(f"{_n(len(beyond), 'cell')} take more than {REACH_HOURS:g} h each here, beyond a CPU's reach: "
+                     f"train them in a GPU window (README \"GPU window\", python -m src.window) or on a cluster "
+                     f"(README \"A cluster\", Hydra's submitit launcher).")
+    code = [c for c in cells if c.code_only]
+    if code:
+        lines.append(f"{len(code)} of these cells {'is' if len(code) == 1 else 'are'} stale only through training code "
+                     f"under src/ with src/fingerprint.json unchanged: if `python -m src.fingerprint` still matches, "
+                     f"`dvc commit -f` of their stages re-locks them without training (README \"Changing the code\").")
+    if limit_hours is None:
+        lines.append("python -m src.plan --hours N: the cells this machine finishes in N hours, and the command.")
+        return lines, [["dvc", "repro"]]
+    chosen = fit(cells, limit_hours)
+    lines += ["", f"within {limit_hours:g} h here: {len(chosen)} cells, {hours(sum(c.seconds for c in chosen))} "
+              f"(the cheapest; seed by seed, cheapest first)"]
+    lines += table(chosen)
+    cmds = command(chosen)
+    lines.append(one_liner(cmds) if cmds else "no cell fits; raise --hours")
+    if cmds:
+        lines.append("then `dvc repro -s aggregate` for the report; `python -m src.plan --hours N --run` runs it.")
+    return lines, cmds
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m src.plan", description=__doc__.splitlines()[0])
+    ap.add_argument("--hours", type=float, help="only the cheapest stale cells that finish in this many hours here")
+    ap.add_argument("--run", action="store_true", help="then run it (the --hours cells, or plain `dvc repro`)")
+    a = ap.parse_args(argv)
+    try:
+        if a.hours is not None and not a.hours > 0:
+            raise UserError(f"--hours must be positive, got {a.hours:g}")
+        cells, others = plan(REPO)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    lines, cmds = report(cells, others, a.hours)
+    print("\n".join(lines), flush=True)
+    if a.run:
+        for cmd in cmds:
+            print(f"$ {shlex.join(cmd)}", flush=True)
+            rc = subprocess.call(cmd, cwd=REPO)
+            if rc:
+                sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The plan before training: which cells `dvc repro` trains, in its order, how long each takes here, what fits
+in N hours, and the start and resume lines of a cell."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+
+import pytest
+import pytorch_lightning as pl
+
+import src.plan as plan_mod
+from src.plan import Cell, command, fit, load_bench, md_tables, plan, project, report
+from src.runinfo import REPO, compose_config
+from src.train import train
+
+AMD = "AMD EPYC (2 cores, 1 threads)"
+CONV = """# bench
+
+| distortion   | model   |   fp32 (ms) |   bf16-mixed (ms) |
+|:-------------|:--------|------------:|------------------:|
+| R            | cnn     |         400 |               200 |
+| TC           | cnn     |        8000 |              4000 |
+"""
+
+
+def cmd(model: str, data: str, seed: int, short: bool = False) -> str:
+    profile = "trainer=short model.precision=bf16-mixed" if short else "trainer=full"
+    return f"python -m src.train model={model} data={data} seed={seed} {profile} quiet=true paths.run_dir=runs/x"
+
+
+def record(root, key: str, model: str, data: str, steps: int, seconds: float, device: str = AMD,
+           precision: str = "32-true", short: bool = False):
+    d = root / "reports" / ("short/cells" if short else "cells") / key
+    d.mkdir(parents=True)
+    (d / "provenance.json").write_text(json.dumps({
+        "cell": key, "steps": steps, "fit_seconds": seconds, "device": device, "accelerator": "cpu",
+        "config": {"model": {"name": model, "precision": precision}, "data": {"name": data}}}))
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    """Records and a benchmark in tmp_path, a fake `dvc status` in dvc repro's order, this machine an AMD EPYC."""
+    record(tmp_path, "0-fcn-e", "fcn", "e", 150_000, 900)
+    record(tmp_path, "2-fcn-e", "fcn", "e", 150_000, 1100)
+    record(tmp_path, "1-fcn-e", "fcn", "e", 150_000, 300, device="Intel(R) Xeon(R) Processor (2 cores, 1 threads)")
+    record(tmp_path, "0-cnn-r", "cnn", "r", 40_000, 4000, short=True)
+    (tmp_path / "reports" / "bench").mkdir(parents=True)
+    (tmp_path / "reports" / "bench" / "conv.md").write_text(CONV)
+    stages = [
+        ("prepare", "python -m src.data.prepare", [{"changed outs": {"data/raw": "deleted"}}]),
+        ("distort@r", "python -m src.data.distort data=r", [{"changed outs": {"data/distorted/r": "deleted"}}]),
+        ("train@0-fcn-r", cmd("fcn", "r", 0),  # only its data is missing: regenerated, so no change
+         [{"changed deps": {"data/raw": "deleted", "data/distorted/r": "deleted"}}]),
+        ("train@0-fcn-e", cmd("fcn", "e", 0), [{"changed outs": {"reports/metrics/0-fcn-e.json": "deleted"}}]),
+        ("train@0-st_fcn-e", cmd("st_fcn", "e", 0), []),  # up to date
+        ("train@0-cnn-tc", cmd("cnn", "tc", 0), [{"changed deps": {"src/models": "modified"}}]),
+        ("train@0-st_cnn_tps-p", cmd("st_cnn_tps", "p", 0), [{"changed outs": {"reports/cells/x": "deleted"}}]),
+        ("train@1-fcn-e", cmd("fcn", "e", 1), [{"changed deps": {"conf/model/fcn.yaml": {"width": "modified"}}}]),
+        ("short@0-cnn-r", cmd("cnn", "r", 0, short=True), [{"changed deps": {"src/fingerprint.json": "modified"}}]),
+        ("aggregate", "python -m src.aggregate", [{"changed deps": {"reports/metrics": "modified"}}]),
+    ]
+    fake = [{"stage": s, "cmd": c, "changes": ch} for s, c, ch in stages]
+    monkeypatch.setattr(plan_mod, "repro_stages", lambda root: (fake, {"data/raw", "data/distorted/r"}))
+    monkeypatch.setattr(plan_mod, "run_device", lambda accelerator: (AMD, True))
+    return tmp_path
+
+
+def test_the_plan_lists_the_stale_cells_in_dvc_repros_order_each_projected_with_its_source(repo):
+    cells, others = plan(repo)
+    assert [c.stage for c in cells] == ["train@0-fcn-e", "train@0-cnn-tc", "train@0-st_cnn_tps-p", "train@1-fcn-e",
+                                        "short@0-cnn-r"]
+    assert others == ["prepare", "distort@r", "aggregate"]
+    c = {c.stage: c for c in cells}
+    # this CPU's two records (the Xeon's faster one is left out), scaled by steps
+    assert c["train@0-fcn-e"].seconds == pytest.approx(1000) and c["train@0-fcn-e"].source == "median of 2 records"
+    # no record: the benchmark's step time × its calibration on the cells both have (0.1 s / 0.4 s)
+    assert c["train@0-cnn-tc"].seconds == pytest.approx(8.0 * 0.25 * 150_000)
+    assert c["train@0-cnn-tc"].source.startswith("conv.md ×0.25") and c["train@0-cnn-tc"].beyond
+    # a float32 record of a bf16-mixed cell: scaled by the benchmark's bf16 / fp32 ratio
+    assert (c["short@0-cnn-r"].steps, c["short@0-cnn-r"].precision) == (40_000, "bf16-mixed")
+    assert c["short@0-cnn-r"].seconds == pytest.approx(0.1 * 0.5 * 40_000) and "×0.50" in c["short@0-cnn-r"].source
+    assert c["train@0-st_cnn_tps-p"].seconds is None
+    assert [s for s, x in c.items() if x.code_only] == ["train@0-cnn-tc"]  # src/fingerprint.json is no code-only change
+
+    lines, cmds = report(cells, others, None)
+    text = "\n".join(lines)
+    assert cmds == [["dvc", "repro"]]
+    assert re.search(r"total: 84 h \(4 days\) for 4 cells, one after another; 1 more of unknown time", text), text
+    beyond = [ln for ln in lines if "train@0-cnn-tc" in ln][0]
+    assert "beyond a CPU's reach" in beyond and "83 h (3 days)" in beyond
+    assert "GPU window" in text and "A cluster" in text and "unknown" in text
+    assert "1 of these cells is stale only through training code" in text
+
+
+def test_hours_picks_the_cheapest_cells_that_fit_and_the_command_that_trains_exactly_them(repo):
+    cells, others = plan(repo)
+    assert [c.stage for c in fit(cells, 0.6)] == ["train@0-fcn-e", "train@1-fcn-e"]
+    chosen = fit(cells, 2)  # cheapest first, trained seed by seed; unknown and too long ones left out
+    assert [c.stage for c in chosen] == ["train@0-fcn-e", "short@0-cnn-r", "train@1-fcn-e"]
+    assert command(chosen) == [["dvc", "repro", "distort@e", "distort@r"],
+                               ["dvc", "repro", "-s", "train@0-fcn-e", "short@0-cnn-r", "train@1-fcn-e"]]
+    lines, cmds = report(cells, others, 2)
+    assert cmds == command(chosen)
+    assert "dvc repro distort@e distort@r && dvc repro -s train@0-fcn-e short@0-cnn-r train@1-fcn-e" in lines
+    assert not any("train@0-cnn-tc" in ln for ln in lines)  # the whole plan is not listed with --hours
+    assert fit(cells, 0.1) == [] and "no cell fits; raise --hours" in report(cells, others, 0.1)[0]
+
+
+def test_run_executes_the_proposed_commands_in_order(repo, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(plan_mod, "plan", lambda root: plan(repo))
+    monkeypatch.setattr(plan_mod.subprocess, "call", lambda c, cwd: calls.append(c) or 0)
+    plan_mod.main(["--hours", "0.6", "--run"])
+    assert calls == [["dvc", "repro", "distort@e"], ["dvc", "repro", "-s", "train@0-fcn-e", "train@1-fcn-e"]]
+    calls.clear()
+    plan_mod.main(["--run"])
+    assert calls == [["dvc", "repro"]]
+    assert "$ dvc repro" in capsys.readouterr().out
+
+
+def test_a_gpu_cell_counts_only_its_own_records_and_is_never_beyond_reach(repo):
+    records = plan_mod.load_records(repo / "reports")
+    assert project("fcn", "e", 150_000, "32-true", "NVIDIA H100", records, load_bench(repo), cpu=False) == \
+        (None, "no record on NVIDIA H100")
+    assert not Cell("train@0-cnn-tc", "cnn", "tc", 0, 150_000, "32-true", "NVIDIA H100", cpu=False,
+                    seconds=100 * 3600).beyond
+
+
+def test_the_committed_benchmarks_parse_for_every_cell_of_the_grid():
+    bench = dict(load_bench(REPO))
+    conv, grid = bench["reports/bench/conv.md"], bench["reports/benchmarks.md"]
+    cnn = {"cnn", "st_cnn", "st_cnn_proj", "st_cnn_tps"}
+    assert {(r.model, r.data, r.precision) for r in conv} == \
+        {(m, d, p) for m in cnn for d in ("r", "rts", "p", "e", "tc") for p in ("32-true", "bf16-mixed")}
+    assert len({(r.model, r.data) for r in grid}) == 40 and all(r.s_per_step > 0 for r in grid)
+    assert md_tables("| a | b |\n|:--|--:|\n| 1 | 2 |\n\ntext") == [[{"a": "1", "b": "2"}]]
+
+
+# ------------------------------------------------------------------ the cell's own lines
+
+@pytest.fixture
+def smoke(synthetic_data, tmp_path):
+    return ["trainer=smoke", "quiet=true", "model=fcn", "trainer.max_steps=40",
+            f"paths.data_dir={synthetic_data['data_dir']}", f"paths.raw_file={synthetic_data['raw_file']}",
+            f"paths.run_dir={tmp_path / 'run'}",
+            f"paths.metrics_file={tmp_path / 'metrics.json'}", f"paths.curve_file={tmp_path / 'curve.csv'}",
+            f"paths.cell_dir={tmp_path / 'cell'}"]
+
+
+class _Kill(pl.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 25:
+            raise RuntimeError("simulated kill")
+
+
+def test_a_cell_says_at_once_what_it_trains_and_where_it_resumes(smoke, caplog):
+    caplog.set_level(logging.INFO, logger="src.train")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(compose_config(smoke), extra_callbacks=(_Kill(),))
+    first = caplog.messages[0]
+    line = r"0-fcn-r: 40 steps on .+, precision 32-true, projected (unknown|\d+ min|[\d.]+ h.*)"
+    assert re.fullmatch(line, first), first
+    assert not any(m.startswith("resuming") for m in caplog.messages)
+    caplog.clear()
+    train(compose_config(smoke))
+    resume = [m for m in caplog.messages if m.startswith("resuming")]
+    assert caplog.messages[0].startswith("0-fcn-r: 40 steps on ")
+    assert len(resume) == 1 and re.fullmatch(r"resuming 0-fcn-r from step 20 \(.+/checkpoints/last\.ckpt\)", resume[0])
+
+
+def test_the_start_and_resume_lines_reach_the_terminal_and_train_log(smoke, tmp_path):
+    def run():
+        r = subprocess.run([sys.executable, "-m", "src.train", *smoke], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout + r.stderr
+
+    out = run()
+    assert "0-fcn-r: 40 steps on " in out and "resuming" not in out
+    out = run()  # the finished run again: it resumes from its last checkpoint
+    resume = re.compile(r"resuming 0-fcn-r from step \d+ \(.+/checkpoints/last\.ckpt\)")
+    assert resume.search(out), out
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.count("0-fcn-r: 40 steps on ") == 2 and resume.search(log), log
