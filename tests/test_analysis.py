@@ -1,0 +1,133 @@
+"""Every test error that reports/analysis.md quotes for a named cell is that cell's record.
+
+The convention (written in the text, checked here): a backticked record reference, then at most a few
+characters of punctuation (``):``, ``:``, ``**``), then the figure with two decimals and ``%``:
+
+- one run: ``(`reports/metrics/1-fcn-r.json`): **2.70 %**`` or ``(`1-fcn-r`: 2.70 %)``, checked
+  against that record's ``test.err`` (the table's number, the last checkpoint);
+- the mean over seeds: ``(`reports/metrics/*-fcn-r.json`, mean of 3 seeds): **2.72 ± 0.06 %**`` (the
+  ``± std`` optional), checked against the mean (and the sample std, ddof = 1) of the records of every
+  seed of that model and distortion, the number of seeds included, to two decimals as results.md
+  rounds them;
+- ``reports/short/metrics/…`` names a record of the reduced budget.
+
+A backticked reference followed closely by a percentage in any other form fails, so a figure cannot
+slip past the check by being written differently. Cells of the earlier table (commit 18c9714, no
+longer in reports/) are quoted without a backticked reference and are not checked.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from src.runinfo import REPO
+
+ANALYSIS = REPO / "reports" / "analysis.md"
+
+REF = (r"`(?:reports/(?P<short>short/)?metrics/)?(?P<seed>\d+|\*)-(?P<model>[a-z][a-z_]*)"
+       r"-(?P<data>rts|tc|r|p|e)(?P<ext>\.json)?`")
+QUOTE = re.compile(REF + r"(?P<mean>,\s+mean\s+of\s+(?P<n>\d+)\s+seeds)?"
+                   r"[\s:)*]{0,8}(?P<err>\d+\.\d\d)(?:\s*±\s*(?P<sd>\d+\.\d\d))?\s*%")
+REF_RE = re.compile(REF)
+NEAR = re.compile(r"\d+(?:\.\d+)?\s*%|±")  # a figure closely after a reference
+NEAR_CHARS = 40
+
+
+@dataclass
+class Quote:
+    ref: str  # the reference as written
+    quoted: str  # the figure as written
+    expected: str  # the figure from the records
+    ok: bool
+
+
+def records(short: bool, model: str, data: str, seed: str) -> dict[int, float]:
+    """{seed: test.err} of the records of one model and distortion (one seed, or every seed for '*')."""
+    folder = REPO / "reports" / ("short" if short else "") / "metrics"
+    name = re.compile(rf"(\d+)-{re.escape(model)}-{re.escape(data)}\.json")
+    out = {}
+    for path in folder.glob(f"{seed}-{model}-{data}.json"):
+        m = name.fullmatch(path.name)
+        if m:
+            out[int(m.group(1))] = json.loads(path.read_text())["test"]["err"]
+    return out
+
+
+def check(text: str) -> tuple[list[Quote], list[str]]:
+    """The quoted figures of a text with their verdicts, and the references followed by a percentage
+    that is not in the convention's form."""
+    quotes, malformed, matched = [], [], set()
+    for m in QUOTE.finditer(text):
+        matched.add(m.start())
+        ref = REF_RE.match(text, m.start()).group(0)
+        short, seed, model, data = bool(m.group("short")), m.group("seed"), m.group("model"), m.group("data")
+        errs = records(short, model, data, seed)
+        quoted = m.group("err") + (f" ± {m.group('sd')}" if m.group("sd") else "")
+        if seed == "*":
+            if not m.group("mean"):
+                quotes.append(Quote(ref, quoted, "a mean needs ', mean of N seeds'", False))
+                continue
+            vals = np.array([errs[s] for s in sorted(errs)], dtype=float)
+            expected = f"{vals.mean():.2f}" if len(vals) else "no record"
+            if m.group("sd"):
+                expected += f" ± {vals.std(ddof=1):.2f}" if len(vals) > 1 else " ± (one seed)"
+            n_ok = int(m.group("n")) == len(vals)
+            quotes.append(Quote(ref, f"{quoted} (n={m.group('n')})", f"{expected} (n={len(vals)})",
+                                n_ok and quoted == expected))
+        else:
+            if m.group("mean") or m.group("sd"):
+                quotes.append(Quote(ref, quoted, "one run has no mean or std", False))
+                continue
+            expected = f"{errs[int(seed)]:.2f}" if int(seed) in errs else "no record"
+            quotes.append(Quote(ref, quoted, expected, quoted == expected))
+    for m in REF_RE.finditer(text):
+        if m.start() in matched:
+            continue
+        after = text[m.end(): m.end() + NEAR_CHARS].split("`")[0]
+        if NEAR.search(after):
+            malformed.append(text[m.start(): m.end() + len(after)].replace("\n", " "))
+    return quotes, malformed
+
+
+def test_every_quoted_cell_figure_is_its_record():
+    quotes, malformed = check(ANALYSIS.read_text())
+    assert len(quotes) >= 80, f"only {len(quotes)} quoted figures found: has the convention changed?"
+    wrong = [f"{q.ref}: {q.quoted} (records: {q.expected})" for q in quotes if not q.ok]
+    assert not wrong, "figures in analysis.md that are not their cells' records:\n" + "\n".join(wrong)
+    assert not malformed, ("references in analysis.md followed by a figure not in the form "
+                           "'`ref`): **x.xx %**':\n" + "\n".join(malformed))
+
+
+def test_check_catches_doctored_figures():
+    """The check fails on a wrong figure, a wrong mean, a wrong std, a wrong n, a missing record and a
+    figure in another form, and passes the right ones (read from the records themselves)."""
+    r = records(False, "fcn", "r", "*")
+    assert len(r) >= 2, "the FCN on R has records of at least two seeds"
+    s = min(r)
+    vals = np.array([r[k] for k in sorted(r)])
+    mean, sd, n = f"{vals.mean():.2f}", f"{vals.std(ddof=1):.2f}", len(vals)
+    good = (f"(`reports/metrics/{s}-fcn-r.json`): **{r[s]:.2f} %** and (`{s}-fcn-r`: {r[s]:.2f} %), "
+            f"(`reports/metrics/*-fcn-r.json`, mean of {n} seeds): **{mean} ± {sd} %**, "
+            f"`*-fcn-r`, mean of\n{n} seeds: {mean} %.")
+    quotes, malformed = check(good)
+    assert len(quotes) == 4 and all(q.ok for q in quotes) and not malformed
+
+    off = f"{r[s] + 0.01:.2f}"
+    for doctored in (f"(`reports/metrics/{s}-fcn-r.json`): **{off} %**",
+                     f"(`{s}-fcn-r`: {off} %)",
+                     f"(`reports/metrics/*-fcn-r.json`, mean of {n} seeds): **{float(mean) + 0.01:.2f} %**",
+                     f"(`reports/metrics/*-fcn-r.json`, mean of {n} seeds): **{mean} ± {float(sd) + 0.01:.2f} %**",
+                     f"(`reports/metrics/*-fcn-r.json`, mean of {n + 1} seeds): **{mean} %**",
+                     f"(`reports/metrics/*-fcn-r.json`): **{mean} %**",
+                     f"(`reports/metrics/{s}-fcn-r.json`, mean of 1 seeds): **{r[s]:.2f} %**",
+                     "(`reports/metrics/7-fcn-r.json`): **2.70 %**"):
+        quotes, malformed = check(doctored)
+        assert len(quotes) == 1 and not quotes[0].ok, doctored
+    for other_form in (f"(`reports/metrics/{s}-fcn-r.json`) gives **{r[s]:.2f} %**",
+                       f"(`{s}-fcn-r`: {r[s]:.1f} %)"):
+        quotes, malformed = check(other_form)
+        assert not quotes and malformed, other_form
