@@ -138,10 +138,13 @@ def emulated_bf16(cfg: DictConfig) -> str | None:
 
 def make_trainer(cfg: DictConfig, ckpt_dir: Path, callbacks: list, label: str) -> pl.Trainer:
     t = cfg.trainer
-    ckpt = pl.callbacks.ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best", monitor="val/err", mode="min",
-        save_top_k=1, save_last=True, auto_insert_metric_name=False,
-        enable_version_counter=False)  # always last.ckpt / best.ckpt, the files a resume reads
+    # best.ckpt at a new lowest validation error, then last.ckpt at every validation (with the best's updated
+    # state): Lightning's save_last rewrites last.ckpt only when it has just saved a best one, so a crash would
+    # resume from the best step, not the latest. No version counter: always the two files a resume reads.
+    best = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/err", mode="min",
+                                        save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
+    last = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
+                                        auto_insert_metric_name=False, enable_version_counter=False)
     bar = [] if cfg.quiet or not sys.stderr.isatty() else [pl.callbacks.RichProgressBar()]
     if t.get("tf32") and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -149,7 +152,7 @@ def make_trainer(cfg: DictConfig, ckpt_dir: Path, callbacks: list, label: str) -
         accelerator=t.accelerator, devices=t.devices, max_steps=t.max_steps, max_epochs=-1,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches, deterministic=t.deterministic, precision=cfg.model.precision,
-        logger=False, callbacks=[ckpt, *callbacks, ProgressLog(label, t.max_steps), *bar],
+        logger=False, callbacks=[best, last, *callbacks, ProgressLog(label, t.max_steps), *bar],
         enable_progress_bar=bool(bar), enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=ckpt_dir.parent,
     )

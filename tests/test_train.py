@@ -109,6 +109,17 @@ class _Crash(pl.Callback):
             os.kill(os.getpid(), {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT}[self.how])
 
 
+def test_last_checkpoint_follows_every_validation_not_only_a_better_one(smoke, tmp_path):
+    """A run whose validation error never improves (lr ≈ 0) still rewrites last.ckpt at each validation, so a
+    crash resumes from the latest validation; best.ckpt stays at the first."""
+    cfg = cfg_for(*smoke, "model=fcn", "trainer.max_steps=40", "trainer.val_check_interval=20", "optim.lr=1e-12",
+                  f"paths.cell_dir={tmp_path / 'cell'}")
+    train(cfg)
+    ckpts = next((tmp_path / "run").glob("*/checkpoints"))
+    step = {p.name: torch.load(p, weights_only=True)["global_step"] for p in ckpts.iterdir()}
+    assert step == {"last.ckpt": 40, "best.ckpt": 20}
+
+
 @pytest.mark.parametrize("how, at", [("kill", 25), ("sigterm", 25), ("sigint", 25), ("sigterm", 5)])
 def test_resume_after_an_interruption_equals_a_straight_run(smoke, tmp_path, how, at):
     base = [*smoke, "model=st_fcn_tps", "trainer.max_steps=40"]
