@@ -2,7 +2,8 @@
 
 ``train(cfg)`` is pure (tests call it); ``main`` is the thin Hydra app around it. Expected failures
 (a bad value, missing or mismatched data, a diverging run, a second run of the same cell) are one
-line on stderr and a non-zero exit; SIGTERM / Ctrl-C write a checkpoint and exit 143 / 130.
+line on stderr and a non-zero exit; SIGTERM / Ctrl-C write a checkpoint and exit 143 / 130; so
+does the end of the ``dvc`` process running a pipeline cell (``follow_dvc``).
 Rerunning the same command resumes from the last checkpoint.
 
 A run directory holds one cell under any number of configs: ``<run_dir>/<fingerprint>/`` keeps the
@@ -26,7 +27,10 @@ import io
 import json
 import logging
 import os
+import select
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -328,7 +332,50 @@ def check_committed() -> None:
                         f"`dvc repro`, or run `python -m src.train` outside the pipeline to explore")
 
 
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])  # after "pid (comm) state"
+
+
+def follow_dvc() -> None:
+    """A pipeline cell ends with the dvc process running it, as under SIGTERM (checkpoint, hint, exit 143,
+    lock released): a signal to ``dvc repro`` / ``dvc exp run`` alone (``kill``, ``timeout --foreground``, a
+    scheduler stopping one process) would otherwise leave the cell training on, orphaned, holding its lock.
+
+    dvc runs a stage's command as ``$SHELL -c <cmd>`` (``/bin/sh`` without SHELL). bash and zsh exec a
+    single command, so dvc is this process's parent; dash does not, so it is the parent's parent. A daemon
+    thread waits on that process (a pidfd) and, when it exits, sends this process SIGTERM; a dvc already
+    gone at the start (this process reparented) sends it at once. Nothing else changes: no computation
+    depends on it. Linux only and under DVC only (``DVC_STAGE`` set); elsewhere, or without pidfds
+    (Linux < 5.3), a no-op. SIGINT to dvc alone is not seen: dvc ignores SIGINT while a command runs,
+    leaving Ctrl-C, which a terminal sends to the whole process group, to the command; send SIGINT to the
+    group (``kill -INT -- -<pgid>``) or SIGTERM to dvc.
+    """
+    if not sys.platform.startswith("linux") or "DVC_STAGE" not in os.environ or not hasattr(os, "pidfd_open"):
+        return
+    chain = [os.getpid(), os.getppid()]
+    try:
+        if os.path.realpath(f"/proc/{chain[1]}/exe") == os.path.realpath(os.environ.get("SHELL") or "/bin/sh"):
+            chain.append(_parent(chain[1]))  # dvc's shell, still waiting for this process
+        fd = os.pidfd_open(chain[-1])
+        alive = all(_parent(child) == parent for child, parent in zip(chain, chain[1:]))  # the fd is dvc's
+    except (ProcessLookupError, FileNotFoundError):
+        alive = False
+    except OSError:  # no pidfds, or /proc unreadable
+        return
+    if not alive:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def wait() -> None:
+        select.select([fd], [], [])  # readable once the process has exited
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait, name="follow-dvc", daemon=True).start()
+
+
 def main() -> None:
+    follow_dvc()
     try:
         check_committed()
         check_overrides(sys.argv[1:])
