@@ -2,8 +2,10 @@
 
 ``python -m src.aggregate`` reads params.yaml's grids (never globs, so files of removed cells are
 ignored), each cell's record (``src.records``), the regenerated test sets and the reference numbers
-in conf/reference/, and writes reports/results.{csv,md}, reports/summary.json and the figures:
-learning curves, error by distortion strength, and the learned transforms drawn from the recorded θ.
+in conf/reference/, and writes reports/results.{csv,md}, the metrics files reports/err/ (``metric_files``),
+reports/summary.json and the figures: learning curves, error by distortion strength, and the learned
+transforms drawn from the recorded θ. Every file is written atomically (the stage's outputs are
+``persist``ent), so an interrupted run leaves the committed ones in place.
 """
 
 from __future__ import annotations
@@ -419,16 +421,41 @@ def deviations(df: pd.DataFrame, paper: dict) -> list[str]:
 
 
 def summary(df: pd.DataFrame, short_df: pd.DataFrame) -> dict:
-    """Metrics for `dvc metrics show/diff`: every committed cell's test error and the table's means.
-    The one metrics file of the pipeline, so cells not yet run raise no warnings."""
+    """reports/summary.json: how many cells of each grid are committed (``dvc metrics show reports/summary.json``);
+    their errors are the metrics files of ``metric_files``."""
+    return {"cells_run": int(df.run.sum()), "cells_total": int(len(df)),
+            "short_run": int(short_df.run.sum()), "short_total": int(len(short_df))}
+
+
+def _by_distortion(g: pd.DataFrame) -> dict:
+    return {str(d): float(e) for d, e in zip(g.distortion, g.test_err)}
+
+
+def metric_files(df: pd.DataFrame, short_df: pd.DataFrame, models: list[str]) -> dict[str, dict]:
+    """The files of reports/err/, the metrics of `dvc metrics show/diff`: one row each, a column per distortion,
+    so the table fits a terminal. ``<seed>-<model>.json``: the test error % of every committed cell of that seed
+    and model; ``mean-<model>.json``: the table's mean over the committed seeds, for every model of the grid
+    (``{}`` before its first cell); ``short/<seed>-<model>.json``: the reduced-budget cells."""
+    files = {}
+    for prefix, grid_df in (("", df), ("short/", short_df)):
+        done = grid_df[grid_df.run]
+        for (seed, model), g in done.groupby(["seed", "model"], sort=False):
+            files[f"{prefix}{seed}-{model}.json"] = _by_distortion(g)
     done = df[df.run]
-    err = {d: {m: round(float(g.test_err.mean()), 4) for m, g in dd.groupby("model")} for d, dd in done.groupby("distortion")}
-    out = {"cells_run": int(len(done)), "cells_total": int(len(df)), "err": err,
-           "cells": {k: float(e) for k, e in zip(done.key, done.test_err)}}
-    if short_df.run.any():
-        s = short_df[short_df.run]
-        out["short"] = {k: float(e) for k, e in zip(s.key, s.test_err)}
-    return out
+    for model in models:
+        means = done[done.model == model].groupby("distortion", sort=False).test_err.mean()
+        files[f"mean-{model}.json"] = {str(d): round(float(e), 4) for d, e in means.items()}
+    return files
+
+
+def write_metric_files(out_dir: Path, files: dict[str, dict]) -> None:
+    """Each file atomically, then those of cells no longer committed or in the grid removed: the folder is never
+    absent, and every file in it is whole."""
+    for name, errs in files.items():
+        write_json(out_dir / name, errs)
+    for stale in sorted(out_dir.rglob("*.json")):
+        if stale.relative_to(out_dir).as_posix() not in files:
+            stale.unlink()
 
 
 DIRTY = "-dirty"  # a provenance commit whose src/ or conf/ had uncommitted changes: <commit>-dirty[+<diff hash>]
@@ -667,6 +694,7 @@ def aggregate(root: Path = REPO) -> pd.DataFrame:
     write_atomic(reports / "results.csv", pd.concat([df.assign(profile=grid["profile"]),
                                                      short_df.assign(profile="short")]).to_csv(index=False))
     write_atomic(reports / "results.md", render(full, short, param_counts(grid), refs, table_ckpt, root))
+    write_metric_files(reports / "err", metric_files(df, short_df, grid["models"]))
     write_json(reports / "summary.json", summary(df, short_df))
     return df
 

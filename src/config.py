@@ -118,6 +118,12 @@ def _optional_int(lo: int):
     return check
 
 
+def _transform(v):
+    from src.stn.grids import GRIDS  # the registry of grid generators: every transform a model can name
+
+    return v is None or (isinstance(v, str) and v in GRIDS), "null or one of " + ", ".join(sorted(GRIDS))
+
+
 # dotted key → check(value) -> (ok, what is allowed). Keys of conf/data/* are checked by the data code.
 SCHEMA = {
     "seed": _int(0),
@@ -140,6 +146,7 @@ SCHEMA = {
     "trainer.deterministic": _one_of(True, False, "warn"),
     "trainer.tf32": _bool,
     "model.precision": _one_of(*PRECISIONS),
+    "model.transform": _transform,
     "data.canvas": _int(28),
     "data.st_downsample": _one_of(1, 2),
     "data.gen_seed": _int(0),
@@ -177,3 +184,61 @@ def validate(cfg: DictConfig) -> None:
     if t.max_steps % t.val_check_interval:
         raise ConfigError(f"trainer.max_steps={t.max_steps} must be a multiple of trainer.val_check_interval="
                           f"{t.val_check_interval} (a checkpoint and a curve row at every validation)")
+    # every training batch is drawn from the training split, whose size conf/mnist.yaml fixes (sizes[0])
+    sizes = OmegaConf.select(cfg, "mnist.sizes", default=None)
+    n_train = sizes[0] if isinstance(sizes, (list, ListConfig)) and sizes else None
+    batch = OmegaConf.select(cfg, "loader.batch_size", default=None)
+    if isinstance(n_train, Integral) and isinstance(batch, Integral) and batch > n_train:
+        raise ConfigError(f"loader.batch_size={batch} is not allowed; it must be at most the training set size, "
+                          f"{n_train:,} images (mnist.sizes[0])")
+
+
+# ------------------------------------------------------------------ keys added on the command line
+
+def config_keys(cfg, prefix: str = "") -> list[str]:
+    """Every dotted key of a config (dicts walked, lists and values as leaves), without resolving anything."""
+    keys = []
+    for k in cfg.keys() if isinstance(cfg, DictConfig) else []:
+        key = f"{prefix}{k}"
+        keys.append(key)
+        node = cfg._get_node(k)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_interpolation():
+            keys.extend(config_keys(node, key + "."))
+    return keys
+
+
+def added_keys(overrides: list[str], groups) -> list | None:
+    """The overrides among ``overrides`` that add (``+``) or force-add (``++``) a value key: Hydra's parsed
+    overrides, config groups (``+experiment=literal``, one of ``groups``) and Hydra's own keys left out.
+    None where an override does not parse (Hydra reports it itself)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    adds = [o for o in overrides if o.startswith("+")]
+    if not adds:
+        return []
+    try:
+        parsed = OverridesParser.create().parse_overrides(adds)
+    except Exception:  # noqa: BLE001 - a malformed override: Hydra's own message
+        return None
+    root = lambda key: key.split("/")[0].split(".")[0]  # noqa: E731
+    return [o for o in parsed if o.package is None and "/" not in o.key_or_group
+            and root(o.key_or_group) != "hydra" and o.key_or_group not in groups]
+
+
+def check_added_keys(added: list, base: DictConfig) -> None:
+    """Refuse a ``+key=value`` or ``++key=value`` whose key the config (``base``, composed without them) lacks:
+    nothing reads such a key, so a misspelt one (``+trainer.max_step=10``, Hydra's own advice for
+    ``trainer.max_step``) would start a run of the defaults. One line naming the key, exit code 2."""
+    import difflib
+
+    for o in added:
+        key = o.key_or_group
+        node = OmegaConf.select(base, key, default="__absent__", throw_on_missing=False,
+                                throw_on_resolution_failure=False)
+        if not (isinstance(node, str) and node == "__absent__"):
+            continue  # an existing key: `++` sets it, `+` is Hydra's error
+        known = [k for k in config_keys(base) if not k.startswith("hydra")]
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        hint = f"; did you mean {close[0]}?" if close else "; `python -m src.train --cfg job` lists every key"
+        raise ConfigError(f"{o.input_line}: unknown key {key} (the config has no such key and nothing would "
+                          f"read it){hint}")

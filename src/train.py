@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E402
 
 from src.callbacks import CurveRecorder, DivergenceGuard, ProgressLog, Segments, SignalStop, curve_csv  # noqa: E402
-from src.config import cell_name, result_config, validate  # noqa: E402
+from src.config import added_keys, cell_name, check_added_keys, result_config, validate  # noqa: E402
 from src.data.datamodule import DistortedMNIST  # noqa: E402
 from src.models.build import build_model  # noqa: E402
 from src.models.module import Classifier  # noqa: E402
@@ -286,10 +286,52 @@ HYDRA_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--re
                "-cn", "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
 
 
+CONFIG_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+
+
+def _plain(overrides: list[str]) -> list[str] | None:
+    """The overrides that compose one config (no sweep, no Hydra key); None where one does not parse."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001 - Hydra reports it itself
+        return None
+    return [o.input_line for o in parsed
+            if not o.is_sweep_override() and o.key_or_group.split("/")[0].split(".")[0] != "hydra"]
+
+
+def check_added(argv: list[str], flagged: bool) -> None:
+    """``+key=value`` / ``++key=value`` of a key the config lacks is refused (``check_added_keys``), with or
+    without Hydra's flags (a sweep is checked against its config without the swept keys)."""
+    if any(a.split("=", 1)[0] in CONFIG_FLAGS for a in argv):
+        return  # another config than conf/config.yaml: Hydra's alone
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")] if flagged else list(argv)
+    added = added_keys(overrides, {p.name for p in CONF_DIR.iterdir() if p.is_dir()})
+    if not added:
+        return
+    lines = {o.input_line for o in added}
+    rest = [o for o in overrides if o not in lines]
+    if flagged:
+        rest = _plain(rest)
+        if rest is None:
+            return
+        try:
+            base = compose_config(rest)
+        except UserError:
+            return  # Hydra reports the bad override itself
+    else:
+        base = compose_config(rest)
+    check_added_keys(added, base)
+
+
 def check_overrides(argv: list[str]) -> None:
     """Compose and validate once before Hydra does, so a bad override or value is one line (exit 2).
-    Left to Hydra whenever a Hydra flag is given (``--cfg job``, ``--help``, ``-m`` …)."""
-    if any(a.split("=", 1)[0] in HYDRA_FLAGS for a in argv):
+    A key added with ``+`` that the config lacks is refused always; the rest is left to Hydra whenever a
+    Hydra flag is given (``--cfg job``, ``--help``, ``-m`` …)."""
+    flagged = any(a.split("=", 1)[0] in HYDRA_FLAGS for a in argv)
+    check_added(argv, flagged)
+    if flagged:
         return
     cfg = compose_config(argv)
     validate(cfg)
@@ -307,9 +349,16 @@ def _hydra_main(cfg: DictConfig) -> None:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return  # one failed cell does not end the sweep's other cells
         sys.exit(e.exit_code)
-    print(f"{cell_name(cfg.model.name, cfg.data.name, cfg.seed)}: test error {m['test']['err']:.2f} % "
-          f"(last {m['test']['err_last']:.2f}, best-val {m['test']['err_best']:.2f}), "
-          f"{m['params']['n']} parameters, {m['steps']} steps -> {cfg.paths.metrics_file}")
+    print(final_line(cfg, m, HydraConfig.get().runtime.choices.get("trainer")))
+
+
+def final_line(cfg: DictConfig, m: dict, profile: str | None) -> str:
+    """The run's last line: its test error and where the record went; a smoke run's says it is no result."""
+    cell = cell_name(cfg.model.name, cfg.data.name, cfg.seed)
+    if profile == "smoke":  # a few CPU steps: its error is near chance by design
+        cell += f" (smoke run, trainer=smoke: {m['steps']} steps that check the code runs, not a result)"
+    return (f"{cell}: test error {m['test']['err']:.2f} % (last {m['test']['err_last']:.2f}, best-val "
+            f"{m['test']['err_best']:.2f}), {m['params']['n']} parameters, {m['steps']} steps -> {cfg.paths.metrics_file}")
 
 
 def cell_sources(stage: str) -> list[str]:

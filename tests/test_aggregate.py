@@ -118,6 +118,8 @@ def test_aggregate_builds_table_and_figures_from_records_and_ignores_stale(tmp_p
     fake_cell(root, "st_cnn", "r", 0, 3.5, steps=40_000, reports="reports/short")  # the reduced-budget grid
     (root / "reports/metrics" / f"{cell_name('st_fcn', 'rts', 0)}.json").write_text("{truncated")  # not a result
 
+    (root / "reports/err/short").mkdir(parents=True)
+    (root / "reports/err/short/0-cnn.json").write_text("{}")  # a cell no longer committed: its row goes
     df = aggregate(root)
 
     assert int(df.run.sum()) == 4 and len(df) == 12
@@ -154,8 +156,12 @@ def test_aggregate_builds_table_and_figures_from_records_and_ignores_stale(tmp_p
     assert set(csv[csv.run].key) == {cell_name(*c) for c in [("fcn", "r", 0), ("fcn", "r", 1), ("st_fcn", "r", 0),
                                                               ("fcn", "rts", 0), ("st_cnn", "r", 0)]}
     summary = json.loads((root / "reports/summary.json").read_text())
-    assert summary["err"] == {"r": {"fcn": 3.0, "st_fcn": 1.0}, "rts": {"fcn": 20.0}}
-    assert summary["cells"][cell_name("fcn", "r", 1)] == 4.0 and summary["short"] == {cell_name("st_cnn", "r", 0): 3.5}
+    assert summary == {"cells_run": 4, "cells_total": 12, "short_run": 1, "short_total": 2}
+    err = {p.relative_to(root / "reports/err").as_posix(): json.loads(p.read_text())
+           for p in (root / "reports/err").rglob("*.json")}  # the metrics: a row per seed and model, a column per data
+    assert err == {"0-fcn.json": {"r": 2.0, "rts": 20.0}, "1-fcn.json": {"r": 4.0}, "0-st_fcn.json": {"r": 1.0},
+                   "mean-fcn.json": {"r": 3.0, "rts": 20.0}, "mean-st_fcn.json": {"r": 1.0}, "mean-st_fcn_tps.json": {},
+                   "short/0-st_cnn.json": {"r": 3.5}}
     assert curves == {"curves.png": [cell_name("fcn", "r", 0), cell_name("fcn", "r", 1), cell_name("st_fcn", "r", 0),
                                      cell_name("fcn", "rts", 0)],  # every seed
                       "short_curves.png": [cell_name("st_cnn", "r", 0)]}  # each budget from its own records
@@ -197,7 +203,42 @@ def test_aggregate_with_no_cell_run_yet(tmp_path):
     assert "Cells run: 0 of" in md and "_no ST cell run yet_" in md
     assert "_none run yet_" in md.split("## Reduced budget")[1].split("## Parameters")[0]
     assert (tmp_path / "reports/figures/short_curves.png").is_file()  # a declared out of the stage, also when empty
-    assert json.loads((tmp_path / "reports/summary.json").read_text())["cells"] == {}
+    assert json.loads((tmp_path / "reports/summary.json").read_text())["cells_run"] == 0
+    # a declared out of the stage, also when empty: a row per model, no error yet
+    assert sorted(p.name for p in (tmp_path / "reports/err").iterdir()) == sorted(f"mean-{m}.json" for m in PARAMS["models"])
+    assert json.loads((tmp_path / "reports/err/mean-fcn.json").read_text()) == {}
+
+
+def test_dvc_metrics_show_fits_an_80_column_terminal():
+    r = subprocess.run(["dvc", "metrics", "show"], cwd=REPO, capture_output=True, text=True, check=True,
+                       env={**__import__("os").environ, "DVC_NO_ANALYTICS": "1", "COLUMNS": "80"})
+    lines = r.stdout.splitlines()
+    assert len(lines) > 1 and lines[0].split() == ["Path", "e", "p", "r", "rts", "tc"], r.stdout
+    assert max(map(len, lines)) <= 80, r.stdout
+    assert "reports/err/mean-fcn.json" in r.stdout and not r.stderr.strip(), r.stderr
+
+
+def test_an_interrupted_aggregate_keeps_the_committed_report(tmp_path):
+    """`persist`: DVC deletes no output of the stage before its command runs (a kill -9 would leave none
+    until the next run), and the command replaces each file atomically."""
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    outs = [next(iter(o.items())) for o in pipeline["stages"]["aggregate"]["outs"]]
+    assert outs and all(opts.get("persist") is True and opts.get("cache") is False for _, opts in outs), outs
+    assert set(pipeline["metrics"]) <= {path for path, _ in outs}  # the metrics are the stage's own files
+
+    class Killed(Exception):
+        pass
+
+    class HalfWritten:  # a figure whose rendering dies after its first bytes
+        def savefig(self, f, **kwargs):
+            f.write(b"\x89PNG half")
+            raise Killed
+
+    png = tmp_path / "curves.png"
+    png.write_bytes(b"committed")
+    with pytest.raises(Killed):
+        src.aggregate.save_figure(HalfWritten(), png)
+    assert png.read_bytes() == b"committed" and [p.name for p in tmp_path.iterdir()] == ["curves.png"]
 
 
 def test_an_edit_of_report_code_restales_no_train_cell(tmp_path):

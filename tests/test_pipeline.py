@@ -73,9 +73,11 @@ def test_dvc_repro_end_to_end_and_a_fresh_clone_retrains_nothing(tmp_path):
         row = next(line for line in results.splitlines() if line.startswith(f"| {label} "))
         assert row.split("|")[2].strip().startswith("**"), row  # R column: "**err** (1) · paper · …"
     metrics = sh(repo, "dvc", "metrics", "show", "--json")
-    assert "0-st_fcn-r" in metrics and "failed" not in metrics.lower()
+    assert "reports/err/0-st_fcn.json" in metrics and "failed" not in metrics.lower()
+    assert sorted(p.relative_to(repo / "reports/err").as_posix() for p in (repo / "reports/err").rglob("*.json")) == \
+        ["0-fcn.json", "0-st_fcn.json", "mean-fcn.json", "mean-st_fcn.json", "short/0-fcn.json"]
     summary = json.loads((repo / "reports/summary.json").read_text())
-    assert summary["cells_run"] == 2 and set(summary["cells"]) == {"0-fcn-r", "0-st_fcn-r"}
+    assert summary["cells_run"] == 2 and summary["short_run"] == 1
     assert (repo / "reports/figures/transforms/0-st_fcn-r.png").stat().st_size > 1000
 
     # report code is no dependency of a cell: editing it restales the aggregate only

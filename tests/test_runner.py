@@ -43,13 +43,60 @@ def one_error_line(r) -> str:
     ("trainer.max_steps=0", "trainer.max_steps"), ("loader.batch_size=0", "loader.batch_size"),
     ("loader.batch_size=-5", "loader.batch_size"), ("seed=-1", "seed"), ("seed=abc", "seed"),
     ("trainer.val_check_interval=0", "trainer.val_check_interval"), ("optim.momentum=1.5", "optim.momentum"),
-    ("trainer.max_steps=25", "trainer.val_check_interval"),
+    ("trainer.max_steps=25", "trainer.val_check_interval"), ("model.transform=xyz", "model.transform"),
+    ("loader.batch_size=100000000", "loader.batch_size"),  # above the 50,000 training images
 ])
 def test_a_bad_value_is_one_line_exit_2_and_writes_nothing(smoke, tmp_path, override, key):
     r = run_cli(*smoke, override)
     assert r.returncode == 2
     line = one_error_line(r)
     assert key in line and override.split("=", 1)[1].lstrip("-") in line, line
+    assert not any(tmp_path.iterdir()), sorted(tmp_path.iterdir())
+
+
+def test_what_a_bad_transform_or_batch_size_line_says():
+    from src.config import ConfigError, validate
+    from src.runinfo import compose_config
+    from src.stn.grids import GRIDS
+
+    with pytest.raises(ConfigError, match="model.transform='xyz'.*null or one of " + ", ".join(sorted(GRIDS)) + "$"):
+        validate(compose_config(["model=st_fcn", "model.transform=xyz"]))
+    validate(compose_config(["model=fcn", "model.transform=null"]))
+    for name in GRIDS:
+        validate(compose_config(["model=st_fcn", f"model.transform={name}"]))
+    validate(compose_config(["loader.batch_size=50000"]))  # one batch: the whole training set
+    with pytest.raises(ConfigError, match=r"loader.batch_size=50001 .* at most the training set size, 50,000"):
+        validate(compose_config(["loader.batch_size=50001"]))
+    with pytest.raises(ConfigError, match="loader.batch_size=101 .* 100 images"):  # read from the data config
+        validate(compose_config(["loader.batch_size=101", "mnist.sizes=[100,10,10]"]))
+
+
+@pytest.mark.parametrize("args, key", [
+    (["+trainer.max_step=10"], "trainer.max_step"), (["++trainer.max_step=10"], "trainer.max_step"),
+    (["+optim.lrr=0.1"], "optim.lrr"), (["+foo=1"], "foo"),
+    (["-m", "+trainer.max_step=10,20"], "trainer.max_step"), (["--cfg", "job", "+trainer.max_step=10"], "trainer.max_step"),
+])
+def test_a_key_added_with_plus_that_the_config_lacks_is_refused(args, key):
+    from src.config import ConfigError
+    from src.train import check_overrides
+
+    with pytest.raises(ConfigError, match=rf"^\+*{key}=\S+: unknown key {key} "):
+        check_overrides(args)
+
+
+def test_plus_still_adds_a_config_group_and_double_plus_sets_a_known_key():
+    from src.train import check_overrides
+
+    check_overrides(["+experiment=literal"])
+    check_overrides(["++trainer.max_steps=40", "trainer=smoke"])
+    check_overrides(["-m", "seed=0,1", "+experiment=literal", "hydra/launcher=basic"])
+
+
+def test_a_misspelt_added_key_is_one_line_exit_2_before_anything_runs(smoke, tmp_path):
+    r = run_cli(*smoke, "+trainer.max_step=10")
+    assert r.returncode == 2
+    assert one_error_line(r) == ("error: +trainer.max_step=10: unknown key trainer.max_step (the config has no such "
+                                 "key and nothing would read it); did you mean trainer.max_steps?")
     assert not any(tmp_path.iterdir()), sorted(tmp_path.iterdir())
 
 
@@ -68,6 +115,8 @@ def test_a_second_run_of_the_same_cell_refuses_at_once(smoke, tmp_path):
     r = run_cli(*smoke)  # the holder is gone: no stuck lock
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "metrics.json").is_file()
+    last = r.stdout.strip().splitlines()[-1]  # a smoke run's error is near chance by design: it says so
+    assert last.startswith("0-fcn-r (smoke run, trainer=smoke: 20 steps") and "not a result): test error" in last, last
 
 
 def test_a_corrupt_last_checkpoint_falls_back_to_best_or_says_what_to_do(smoke, tmp_path):
@@ -124,6 +173,9 @@ def test_hydra_flags_behave_as_in_any_hydra_app(tmp_path):
     assert r.returncode == 0
     assert "== Configuration groups ==" in r.stdout and "trainer: full, quick, short, smoke" in r.stdout
     assert "Profiles" in r.stdout
+    # the footer follows the config it speaks of
+    assert r.stdout.index("== Config ==") < r.stdout.index("Every key of the config above can be overridden")
+    assert "below" not in r.stdout.split("== Config ==")[1] and "+experiment=literal" in r.stdout
     r = run_cli("--info", "defaults")
     assert r.returncode == 0 and "Defaults List" in r.stdout, r.stderr
     r = run_cli("--cfg", "job", "optim.lrr=0.1")

@@ -185,6 +185,19 @@ def run_cli(*args: str):
     return subprocess.run([sys.executable, "-m", "src.train", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+def test_only_a_smoke_runs_final_line_says_it_is_no_result():
+    from src.train import final_line
+
+    m = {"test": {"err": 89.5, "err_last": 89.5, "err_best": 88.0}, "params": {"n": 1000}, "steps": 20}
+    cfg = cfg_for("model=fcn", "trainer=smoke", "paths.metrics_file=m.json")
+    smoke = final_line(cfg, m, "smoke")
+    assert smoke == ("0-fcn-r (smoke run, trainer=smoke: 20 steps that check the code runs, not a result): "
+                     "test error 89.50 % (last 89.50, best-val 88.00), 1000 parameters, 20 steps -> m.json")
+    for profile in ("full", "short", "quick", None):
+        line = final_line(cfg, m, profile)
+        assert line.startswith("0-fcn-r: test error 89.50 %") and "smoke" not in line and "not a result" not in line
+
+
 def test_unknown_choice_is_one_line_listing_the_choices():
     r = run_cli("model=st_mlp")
     assert r.returncode != 0
