@@ -3,8 +3,8 @@ channels_last, and bf16-mixed with the transformer and the training data in floa
 
 from __future__ import annotations
 
-import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -17,8 +17,11 @@ from src.data.datamodule import DistortedMNIST
 from src.fingerprint import synthetic_digits
 from src.models.build import build_model
 from src.models.conv import OneChannelConv2d, _OneChannelConv
-from src.runinfo import compose_config
+from src.runinfo import REPO, compose_config
 from src.train import train
+
+sys.path.insert(0, str(REPO / "bench"))
+from bench_conv import before_twin  # noqa: E402  (the benchmark's "before" network, the twin these tests compare)
 
 
 def _conv_pair(k=5, c_out=6, dtype=torch.float64):
@@ -76,19 +79,6 @@ def test_without_an_input_gradient_it_is_nn_conv2d():
     assert torch.equal(ours.weight.grad, ref.weight.grad) and torch.equal(ours.bias.grad, ref.bias.grad)
 
 
-def _relu_first(net: nn.Module) -> nn.Module:
-    """The same network with every MaxPool → ReLU pair back in ReLU → MaxPool order, NCHW."""
-    twin = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
-    for seq in [m for m in twin.modules() if isinstance(m, nn.Sequential)]:
-        layers = list(seq)
-        for i in range(len(layers) - 1):
-            if isinstance(layers[i], nn.MaxPool2d) and isinstance(layers[i + 1], nn.ReLU):
-                layers[i], layers[i + 1] = layers[i + 1], layers[i]
-        for i, m in enumerate(layers):
-            seq[i] = m
-    return twin
-
-
 @pytest.mark.parametrize("data", ["r", "rts"])
 def test_pool_before_relu_is_exact(data):
     """relu(max(S)) = max(relu(S)) and the pool routes the gradient to the same element: the plain CNN's
@@ -99,7 +89,7 @@ def test_pool_before_relu_is_exact(data):
         torch.manual_seed(0)
         net, _ = build_model(cfg)
         net = net.to(memory_format=torch.contiguous_format)
-        twin = _relu_first(net)
+        twin = before_twin(net)  # ReLU → max-pool, NCHW, nn.Conv2d: the network as built before the path
         x, y = torch.rand(8, 1, cfg.data.canvas, cfg.data.canvas), torch.arange(8) % 10
         la, lb = F.cross_entropy(net(x), y), F.cross_entropy(twin(x), y)
         la.backward()
