@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_stn import BATCH, DISTORTIONS, PAPER_STEPS, REPO, build, fmt, race  # noqa: E402
+from bench_stn import BATCH, DISTORTIONS, PAPER_STEPS, REPO, build, fmt, race, step_fn  # noqa: E402
 
 from src.models.conv import OneChannelConv2d  # noqa: E402
 from src.runinfo import device_name, git_commit, native_bf16, versions, write_atomic  # noqa: E402
@@ -59,21 +59,6 @@ def before_twin(net: nn.Module) -> nn.Module:
     return twin
 
 
-def sgd_step(net: nn.Module, hw: int, bf16: bool):
-    """One SGD step with momentum on a fixed batch; under ``bf16`` the whole step runs in
-    autocast, as Lightning's ``bf16-mixed`` runs our manual-optimisation training step."""
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.rand(BATCH, 1, hw, hw, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-
-    def run():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            F.cross_entropy(net(x), y).backward()
-        opt.step()
-    return run
-
-
 def step_flops(net: nn.Module, hw: int) -> int:
     x, y = torch.rand(BATCH, 1, hw, hw), torch.randint(0, 10, (BATCH,))
     with FlopCounterMode(display=False) as fc:
@@ -97,10 +82,11 @@ def bench(models, distortions, rounds: int) -> tuple[pd.DataFrame, dict]:
             before = before_twin(net)
             flops = step_flops(before, hw)
             heavy = flops > 20e9  # CNN on RTS and TC: a step takes seconds
-            t = race({"before": sgd_step(before, hw, False), "fp32": sgd_step(net, hw, False),
-                      "bf16": sgd_step(copy.deepcopy(net), hw, True),
+            cpu = torch.device("cpu")
+            t = race({"before": step_fn(before, hw, cpu), "fp32": step_fn(net, hw, cpu),
+                      "bf16": step_fn(copy.deepcopy(net), hw, cpu, bf16=True),
                       "peak fp32": matmul(torch.float32), "peak bf16": matmul(torch.bfloat16)},
-                     torch.device("cpu"), rounds=2 if heavy else rounds, calls=1 if heavy else 3)
+                     cpu, rounds=2 if heavy else rounds, calls=1 if heavy else 3)
             peak = {p: 2 * PEAK_N ** 3 / t[f"peak {p}"] for p in ("fp32", "bf16")}
             for p in peak_s:
                 peak_s[p].append(peak[p])

@@ -189,8 +189,9 @@ def build(model: str, data: str):
     return cfg, build_model(cfg)[0]
 
 
-def step_fn(net: nn.Module, hw: int, dev):
-    """One SGD step (the paper's optimiser) on a fixed random batch."""
+def step_fn(net: nn.Module, hw: int, dev, bf16: bool = False):
+    """One SGD step (the paper's optimiser) on a fixed random batch; under ``bf16`` the forward and backward
+    run in autocast, as Lightning's ``bf16-mixed`` runs our manual-optimisation training step."""
     g = torch.Generator().manual_seed(1)
     x = torch.rand(BATCH, 1, hw, hw, generator=g).to(dev)
     y = torch.randint(0, 10, (BATCH,), generator=g).to(dev)
@@ -198,7 +199,8 @@ def step_fn(net: nn.Module, hw: int, dev):
 
     def run():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(net(x), y).backward()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            F.cross_entropy(net(x), y).backward()
         opt.step()
     return run
 
