@@ -30,9 +30,10 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from src import sensitivity  # noqa: E402
 from src.config import cell_name  # noqa: E402
 from src.records import (INVARIANCE, MIN_BIN_IMAGES, N_BINS, binned_error, correct, load_record,  # noqa: E402
-                         test_split, theta_summary, transformer)
+                         segment_commits, test_split, theta_summary, transformer)
 from src.runinfo import REPO, UserError, compose_config, write_atomic, write_json  # noqa: E402
 
 ROW_LABELS = {
@@ -54,17 +55,6 @@ PAPER_STEPS = 150_000  # only cells trained at the paper's budget are compared w
 
 COLUMNS = ["model", "distortion", "seed", "key", "run", "test_err", "test_err_last", "test_err_best", "val_err_last",
            "val_err_best", "n_params", "steps", "precision", "device", "hours", "n_test", "commit", "commits"]
-
-
-def segment_commits(prov: dict) -> str:
-    """The distinct commits of a record's training segments in order, joined by " → " (the first is the commit
-    at its start, ``provenance['commit']``; a resumed run adds the commit it resumed at). Each in full, with
-    its "-dirty" suffix where src/ or conf/ had uncommitted changes."""
-    chain = []
-    for c in [prov.get("commit", "?")] + [s.get("commit", "?") for s in prov.get("segments", [])]:
-        if str(c) not in chain:
-            chain.append(str(c))
-    return " → ".join(chain)
 
 
 def collect(grid: dict, reports: Path) -> tuple[pd.DataFrame, dict]:
@@ -525,8 +515,38 @@ class Budget:
     drawn: list[str]  # cells whose learned transforms are drawn (file stems under figures/transforms/)
 
 
-def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_ckpt: str, root: Path = REPO) -> str:
-    """reports/results.md: the full-budget table beside the paper, then the reduced-budget cells apart."""
+def sensitivity_section(sens: pd.DataFrame, full: pd.DataFrame, paper: dict) -> list[str]:
+    """The sensitivity study's section of results.md (src/sensitivity.py), its figure linked."""
+    if sens.empty:
+        return []
+    lines = [
+        "## Sensitivity: P, E and RTS against the recipe numbers no source pins down",
+        "",
+        "Cells of params.yaml's `sensitivity` grid (dvc.yaml `sens_*`; a variant is "
+        "`conf/experiment/sensitivity/<name>.yaml`), each trained like Table 1's cells at the reduced budget "
+        "(`trainer=short`, 40k steps, seed 0) and kept apart from it. The main recipes are among them, so every "
+        "variant is measured on one footing. They explain the table, they choose nothing: a main recipe changes "
+        "only on a source ([decisions.md](decisions.md)). Each cell: test error ± 2 binomial SE (one run), the last "
+        "checkpoint's validation error beside it (`–` where the validation digits were trained on). Projected to "
+        "150k: the variant × our main recipe's 150k mean / its 40k cell, per model, a projection and no result.",
+        "",
+    ]
+    if not sens.run.any():
+        return lines + ["_none run yet_", ""]
+    return lines + [*sensitivity.tables(sens, full, paper, ROW_LABELS, binomial_se),
+                    "![sensitivity](figures/sensitivity.png)", "",
+                    "Every sensitivity cell that was run (the commits as in Table 1's cell table):", "",
+                    sens[sens.run].assign(commits=sens.commits.map(commit_cell))[
+                        ["key", "test_err", "val_err", "steps", "precision", "hours", "device", "commits"]].rename(
+                        columns={"key": "cell", "test_err": "test err %", "val_err": "val err % (last)",
+                                 "hours": "fit hours", "commits": "commit"}).to_markdown(index=False, missingval="–"),
+                    ""]
+
+
+def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_ckpt: str, root: Path = REPO,
+           sens: list[str] = ()) -> str:
+    """reports/results.md: the full-budget table beside the paper, the reduced-budget cells and the sensitivity
+    study apart."""
     df, grid = full.df, full.grid
     steps_run = sorted({int(s) for s in df[df.run].steps}) if df.run.any() else []
     budget_note = ", ".join(f"{s:,}" for s in steps_run) or "none yet"
@@ -598,7 +618,7 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
         ]
     else:
         lines += ["_none run yet_", ""]
-    lines += [
+    lines += [*sens,
         "## Parameters per network",
         "",
         "The paper's rule: all networks of one distortion have about the same number of parameters. Counts of "
@@ -693,7 +713,11 @@ def aggregate(root: Path = REPO) -> pd.DataFrame:
                    theta_table(short_grid, short_records, data_dir), [k for k in drawn if k.startswith(short_prefix)])
     write_atomic(reports / "results.csv", pd.concat([df.assign(profile=grid["profile"]),
                                                      short_df.assign(profile="short")]).to_csv(index=False))
-    write_atomic(reports / "results.md", render(full, short, param_counts(grid), refs, table_ckpt, root))
+    sens = sensitivity.collect(params, reports / "sensitivity", data_dir)
+    sensitivity.plot(sens, refs["paper"], ROW_LABELS, COLORS, wilson, reports / "figures" / "sensitivity.png",
+                     save_figure)
+    write_atomic(reports / "results.md", render(full, short, param_counts(grid), refs, table_ckpt, root,
+                                                sensitivity_section(sens, df, refs["paper"])))
     write_metric_files(reports / "err", metric_files(df, short_df, grid["models"]))
     write_json(reports / "summary.json", summary(df, short_df))
     return df

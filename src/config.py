@@ -46,6 +46,13 @@ def cell_name(model: str, data: str, seed: int) -> str:
     return f"{seed}-{model}-{data}"
 
 
+def run_cell(cfg) -> str:
+    """The cell name of a run's config; a sensitivity variant (conf/experiment/sensitivity/) names its own, as
+    some variants change the networks or the digits rather than the data's name."""
+    data = OmegaConf.select(cfg, "sensitivity.variant", default=None) or cfg.data.name
+    return cell_name(cfg.model.name, data, cfg.seed)
+
+
 def result_config(cfg) -> dict:
     """The resolved config minus the keys that do not change the result."""
     if isinstance(cfg, DictConfig):  # drop before resolving: paths.run_dir itself resolves this hash

@@ -1,10 +1,10 @@
 """What ``dvc repro`` will train, in its order, and how long each cell takes here; run it before ``dvc repro``.
 
-    python -m src.plan                # the stale train@/short@ cells in dvc repro's order, projected times, total
+    python -m src.plan                # the stale cells in dvc repro's order, projected times, total
     python -m src.plan --hours 8      # the cheapest stale cells that finish in 8 h here, and the command for them
     python -m src.plan [--hours 8] --run   # the same, then run it (without --hours: plain `dvc repro`)
 
-The cells are the train@ and short@ stages that ``dvc status`` reports as changed, in the order
+The cells are the training stages (``CELL_STAGES``) that ``dvc status`` reports as changed, in the order
 ``dvc repro`` runs them (DVC's own planning). A dependency that is missing and that another stage
 produces (the data of a fresh clone) is no change: the data stages regenerate it bit-identically.
 
@@ -36,7 +36,7 @@ BEYOND = "beyond a CPU's reach: GPU window or cluster"
 # benchmark tables: file, the column of the step time of each precision, its unit in seconds
 BENCH_TABLES = (("reports/bench/conv.md", {"32-true": "fp32 (ms)", "bf16-mixed": "bf16-mixed (ms)"}, 1e-3),
                 ("reports/benchmarks.md", {"32-true": "s / step"}, 1.0))
-CELL_STAGES = ("train@", "short@")
+CELL_STAGES = ("train@", "short@", "sens_p@", "sens_e@", "sens_rts@")  # dvc.yaml's training stages
 CODE_DEPS = "src/"  # a training-code dependency; src/fingerprint.json is the result it must keep
 
 
@@ -258,14 +258,25 @@ class Cell:
         return self.seconds is not None and self.seconds > REACH_HOURS * 3600 and self.cpu
 
 
+def stage_data(args: dict) -> str:
+    """A stage's distortion: ``data=…``, or the one its experiment (a sensitivity variant) overrides, whose
+    time per step it is projected with."""
+    if "data" in args or "+experiment" not in args:
+        return args.get("data", "r")
+    from omegaconf import OmegaConf
+
+    exp = OmegaConf.load(REPO / "conf" / "experiment" / f"{args['+experiment']}.yaml")
+    return next((d["override /data"] for d in exp.get("defaults", []) if "override /data" in d), "r")
+
+
 def stage_cell(stage: str, cmd: str) -> Cell:
-    """A train@/short@ stage's cell from its command: model, data, seed, steps, precision, device."""
+    """A training stage's cell from its command: model, data, seed, steps, precision, device."""
     from omegaconf import OmegaConf
 
     args = dict(a.split("=", 1) for a in shlex.split(cmd) if "=" in a and not a.startswith("-"))
     trainer = OmegaConf.load(REPO / "conf" / "trainer" / f"{args.get('trainer', 'full')}.yaml")
     model = OmegaConf.load(REPO / "conf" / "model" / f"{args['model']}.yaml")
-    return Cell(stage, args["model"], args["data"], int(args.get("seed", 0)),
+    return Cell(stage, args["model"], stage_data(args), int(args.get("seed", 0)),
                 int(args.get("trainer.max_steps", trainer.max_steps)),
                 str(args.get("model.precision", model.get("precision", "32-true"))),
                 *run_device(args.get("trainer.accelerator", trainer.accelerator)))
@@ -331,7 +342,7 @@ def total_line(cells: list[Cell]) -> str:
 def report(cells: list[Cell], others: list[str], limit_hours: float | None) -> tuple[list[str], list[list[str]]]:
     """The printed plan and the commands it proposes."""
     if not cells:
-        return ([f"dvc repro trains no cell: every train@/short@ stage is up to date"
+        return ([f"dvc repro trains no cell: every training stage is up to date"
                  + (f" (it runs {', '.join(others)})" if others else "")], [["dvc", "repro"]] if others else [])
     device = cells[0].device
     lines = [f"dvc repro would train {len(cells)} cells on {machine(device)}"]

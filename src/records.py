@@ -64,6 +64,17 @@ def load_record(reports: Path, key: str) -> Record | None:
     return Record(key, metrics, prov, outcomes)
 
 
+def segment_commits(prov: dict) -> str:
+    """The distinct commits of a record's training segments in order, joined by " → " (the first is the commit
+    at its start, ``provenance['commit']``; a resumed run adds the commit it resumed at). Each in full, with
+    its "-dirty" suffix where src/ or conf/ had uncommitted changes."""
+    chain = []
+    for c in [prov.get("commit", "?")] + [s.get("commit", "?") for s in prov.get("segments", [])]:
+        if str(c) not in chain:
+            chain.append(str(c))
+    return " → ".join(chain)
+
+
 @functools.lru_cache(maxsize=8)
 def test_split(data_dir: str, name: str) -> dict:
     """The regenerated test split of a distortion (checked against its manifest)."""

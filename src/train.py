@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E402
 
 from src.callbacks import CurveRecorder, DivergenceGuard, ProgressLog, Segments, SignalStop, curve_csv  # noqa: E402
-from src.config import added_keys, cell_name, check_added_keys, result_config, validate  # noqa: E402
+from src.config import added_keys, check_added_keys, result_config, run_cell, validate  # noqa: E402
 from src.data.datamodule import DistortedMNIST  # noqa: E402
 from src.models.build import build_model  # noqa: E402
 from src.models.module import Classifier  # noqa: E402
@@ -195,7 +195,7 @@ def write_record(cfg: DictConfig, files: dict[str, str | bytes], metrics: dict, 
 def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     """Fit, test the last and the best-validation checkpoints, write the record; returns the metrics."""
     validate(cfg)
-    label = cell_name(cfg.model.name, cfg.data.name, cfg.seed)
+    label = run_cell(cfg)
     quiet_lightning(cfg.quiet)
     from src.plan import start_line  # logging only (cell, steps, device, precision, projected time): no result depends on it
 
@@ -259,7 +259,7 @@ def make_record(cfg, net, budget, trainer, fingerprint, rows, segs, last, out_la
         "steps": int(trainer.global_step),
     }
     provenance = {
-        "cell": cell_name(cfg.model.name, cfg.data.name, cfg.seed), "seed": int(cfg.seed),
+        "cell": run_cell(cfg), "seed": int(cfg.seed),
         "steps": int(trainer.global_step), "profile_max_steps": int(cfg.trainer.max_steps),
         "commit": segs[0]["commit"] if segs else "unknown",
         "device": segs[-1]["device"] if segs else "?", "accelerator": trainer.strategy.root_device.type,
@@ -354,7 +354,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def final_line(cfg: DictConfig, m: dict, profile: str | None) -> str:
     """The run's last line: its test error and where the record went; a smoke run's says it is no result."""
-    cell = cell_name(cfg.model.name, cfg.data.name, cfg.seed)
+    cell = run_cell(cfg)
     if profile == "smoke":  # a few CPU steps: its error is near chance by design
         cell += f" (smoke run, trainer=smoke: {m['steps']} steps that check the code runs, not a result)"
     return (f"{cell}: test error {m['test']['err']:.2f} % (last {m['test']['err_last']:.2f}, best-val "

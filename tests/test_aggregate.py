@@ -28,7 +28,10 @@ def test_params_name_only_existing_conf_options():
         for data in grid["distortions"]:
             assert (REPO / "conf/data" / f"{data}.yaml").is_file(), data
     assert (REPO / "conf/trainer" / f"{PARAMS['profile']}.yaml").is_file()
-    assert set(PARAMS) == {"models", "distortions", "seeds", "profile", "short"}  # grids only, no hyperparameters
+    sens = PARAMS["sensitivity"]
+    for model in sens["models"] + sens["rts_models"]:
+        assert (REPO / "conf/model" / f"{model}.yaml").is_file(), model
+    assert set(PARAMS) == {"models", "distortions", "seeds", "profile", "short", "sensitivity"}  # grids only
 
 
 def test_dvc_stage_list_is_the_grid_seed_zero_first():
@@ -44,6 +47,11 @@ def test_dvc_stage_list_is_the_grid_seed_zero_first():
         f"short@{cell_name(m, d, s)}" for m in short["models"] for d in short["distortions"] for s in short["seeds"]}
     assert {s for s in stages if s.startswith("distort@")} == {f"distort@{d}" for d in PARAMS["distortions"]}
     assert {"prepare", "aggregate"} <= set(stages)
+    sens = PARAMS["sensitivity"]  # the sensitivity cells: seed × model × variant, as params.yaml lists them
+    assert [s for s in stages if s.startswith("sens_p@")] == [
+        f"sens_p@{cell_name(m, v, s)}" for s in sens["seeds"] for m in sens["models"] for v in sens["p"]]
+    assert {s for s in stages if s.startswith("sens_rts@")} == {
+        f"sens_rts@{cell_name(m, v, s)}" for s in sens["seeds"] for m in sens["rts_models"] for v in sens["rts"]}
 
 
 N_TEST = 60

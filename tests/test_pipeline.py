@@ -61,14 +61,18 @@ def test_dvc_repro_end_to_end_and_a_fresh_clone_retrains_nothing(tmp_path):
     (repo / "conf/mnist.yaml").write_text(mnist)
     (repo / "params.yaml").write_text(yaml.safe_dump(
         {"models": ["fcn", "st_fcn"], "distortions": ["r"], "seeds": [0], "profile": "smoke",
-         "short": {"models": ["fcn"], "distortions": ["r"], "seeds": [0], "precision": "32-true"}}))
+         "short": {"models": ["fcn"], "distortions": ["r"], "seeds": [0], "precision": "32-true"},
+         "sensitivity": {"seeds": [0], "models": ["fcn"], "p": ["p_sigma2"], "e": [], "p_data": ["p_sigma2"],
+                         "e_data": [], "rts_models": [], "rts": []}}))
     (repo / "conf/trainer/short.yaml").write_text((repo / "conf/trainer/smoke.yaml").read_text())
 
     sh(repo, "git", "init", "-q")
     assert "train@0-st_fcn-r" in sh(repo, "dvc", "stage", "list", "--name-only").split()
     out = sh(repo, "dvc", "repro")
     assert "Running stage 'train@0-st_fcn-r'" in out and "Running stage 'short@0-fcn-r'" in out
+    assert "Running stage 'sens_p@0-fcn-p_sigma2'" in out  # a variant's data, then its cell
     results = (repo / "reports/results.md").read_text()
+    assert "| p_sigma2: frame corners, 2 " in results  # the sensitivity section shows the variant's cell
     for label in ("FCN", "ST-FCN Aff"):  # both cells of the grid ran, and show their error
         row = next(line for line in results.splitlines() if line.startswith(f"| {label} "))
         assert row.split("|")[2].strip().startswith("**"), row  # R column: "**err** (1) · paper · …"
@@ -108,7 +112,8 @@ def test_dvc_repro_end_to_end_and_a_fresh_clone_retrains_nothing(tmp_path):
     sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
     out = sh(clone, "dvc", "repro")
     assert "Running stage 'distort@r'" in out  # data regenerated (no DVC remote)...
-    assert "Running stage 'train@" not in out and "Running stage 'short@" not in out  # ...so no cell retrains
+    assert "Running stage 'sens_distort_p@p_sigma2'" in out
+    assert not any(f"Running stage '{s}@" in out for s in ("train", "short", "sens_p"))  # ...so no cell retrains
     assert sh(clone, "git", "status", "--porcelain", "--", "dvc.lock").strip() == ""
     shown = subprocess.run(["dvc", "metrics", "show"], cwd=clone, env=ENV, capture_output=True, text=True)
     assert "failed to load" not in (shown.stdout + shown.stderr).lower() and "reports/err/0-st_fcn.json" in shown.stdout

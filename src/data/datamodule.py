@@ -29,6 +29,9 @@ from src.data.mnist import load_raw
 from src.runinfo import UserError
 
 
+TRAIN_DIGITS = ("train", "train+val")
+
+
 class TrainBatches:
     """Endless iterable of training batches; batch ``s`` depends only on (seed, s)."""
 
@@ -85,6 +88,12 @@ class DistortedMNIST(pl.LightningDataModule):
         except ValueError as e:
             raise UserError(str(e)) from None
         self.batch_size, self.fresh = int(loader_cfg.batch_size), loader_cfg.mode == "fresh"
+        # train: the 50k training digits; train+val: with the 10k validation digits, whose curve then measures
+        # nothing held out (conf/experiment/sensitivity/rts_60k.yaml; an absent key is train)
+        self.train_digits = str(loader_cfg.get("train_digits", "train"))
+        if self.train_digits not in TRAIN_DIGITS or (self.train_digits != "train" and not self.fresh):
+            raise UserError(f"loader.train_digits={self.train_digits!r} is not allowed; it must be one of "
+                            f"{', '.join(TRAIN_DIGITS)} (train+val with loader.mode=fresh only)")
         self.align_corners, self.seed = align_corners, int(seed)
         self.split_dir = Path(paths_cfg.data_dir) / data_cfg.name
         self._epoch_perm: tuple[int, torch.Tensor] | None = None
@@ -111,7 +120,10 @@ class DistortedMNIST(pl.LightningDataModule):
             if not self.fresh:
                 d = self.load_split("train")
             else:
-                d = load_raw(Path(self.paths_cfg.raw_file))["train"]
+                raw = load_raw(Path(self.paths_cfg.raw_file))
+                d = raw["train"]
+                if self.train_digits == "train+val":  # the 60k training digits of MNIST (a sensitivity variant)
+                    d = {k: torch.cat([raw["train"][k], raw["val"][k]]) for k in ("images", "labels")}
             self.set_train(d["images"], d["labels"], dev)
         self._loaded = (stage, dev)
 

@@ -287,10 +287,21 @@ def ink_accepted(x_cpu, fwd, scale, ink_scale, size: int, align_corners: bool, f
     return torch.from_numpy(_ink_accepted_np(*map(_np, (x_cpu, fwd, scale, ink_scale)), size, align_corners, floor))
 
 
-def _projective_candidates(n, scale_range, sigma, corners, g, align_corners):
-    """n candidate draws: scale, corner moves, and the quad (output px about the centre) they give."""
+CORNER_MOVES = ("normal", "outward")
+
+
+def _projective_candidates(n, scale_range, sigma, corners, move, g, align_corners):
+    """n candidate draws: scale, corner moves, and the quad (output px about the centre) they give.
+
+    ``move``: ``normal`` moves each corner by N(0, σ²) px in x and in y; ``outward`` moves it by |N(0, σ²)| px
+    along its diagonal, away from the centre (a reading of "stretching the corners" in MATLAB data-preparation
+    scripts circulated with reproductions, ../shared/paper.md §1)."""
     scale = _uniform(scale_range, n, g).numpy()
-    moves = (sigma * torch.randn(n, 4, 2, generator=g, dtype=DRAW)).numpy()
+    if move == "normal":
+        moves = (sigma * torch.randn(n, 4, 2, generator=g, dtype=DRAW)).numpy()
+    else:
+        reach = (sigma * torch.randn(n, 4, generator=g, dtype=DRAW)).abs().numpy()
+        moves = reach[:, :, None] * (np.array(FRAME) / np.sqrt(2.0))  # FRAME's corners lie on the unit diagonals
     frame = np.array(FRAME) / px_unit(DIGIT, align_corners)  # the digit frame's corners, px
     quad = (frame if corners == "frame" else frame * scale[:, None, None]) + moves
     return scale, moves, quad
@@ -300,7 +311,7 @@ MAX_REDRAW_ROUNDS = 100
 
 
 def draw_projective(x_cpu, cfg, g, align_corners, pool_len=None, table=None):
-    """P: scale about the centre by U[scale], move the 4 corners by N(0, σ²) px, warp projectively.
+    """P: scale about the centre by U[scale], move the 4 corners by N(0, σ²) px (``corner_move``), warp projectively.
 
     A candidate is accepted when its quad is strictly convex and the warp keeps at least
     ``min_ink_inside`` of the scaled digit's ink inside the canvas (conf/data/p.yaml); rejected images
@@ -313,8 +324,11 @@ def draw_projective(x_cpu, cfg, g, align_corners, pool_len=None, table=None):
     corners = str(cfg.get("corners", "frame"))
     if corners not in ("frame", "box"):
         raise ValueError(f"corners must be 'frame' or 'box', got {corners!r}")
+    move = str(cfg.get("corner_move", "normal"))
+    if move not in CORNER_MOVES:
+        raise ValueError(f"corner_move must be one of {', '.join(CORNER_MOVES)}, got {move!r}")
     floor = float(cfg.get("min_ink_inside", 0.0))
-    spec = ((float(cfg.scale[0]), float(cfg.scale[1])), float(cfg.corner_sigma_px), corners)  # read once
+    spec = ((float(cfg.scale[0]), float(cfg.scale[1])), float(cfg.corner_sigma_px), corners, move)  # read once
     scale, moves, quad = _projective_candidates(n, *spec, g, align_corners)
     fwd = _square_to_quad_np(quad)
     x = _np(x_cpu) if floor > 0 else None
