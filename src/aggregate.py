@@ -32,6 +32,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from src import sensitivity  # noqa: E402
 from src.config import cell_name  # noqa: E402
+from src.data.stats import nist_halves  # noqa: E402
 from src.records import (INVARIANCE, MIN_BIN_IMAGES, N_BINS, binned_error, correct, load_record,  # noqa: E402
                          segment_commits, test_split, theta_summary, transformer)
 from src.runinfo import REPO, UserError, compose_config, write_atomic, write_json  # noqa: E402
@@ -349,6 +350,56 @@ def invariance_caption() -> str:
             "(the ± of the tables above).")
 
 
+def half_errors(ok: torch.Tensor) -> tuple[float, float] | None:
+    """Test error % on the first and on the last half of MNIST's test set (``nist_halves``) from one run's
+    per-image correctness, or None for a test set of another size. Equal halves: their mean is the run's error."""
+    halves = nist_halves(len(ok))
+    return None if halves is None else tuple(100 * (~ok[h]).double().mean().item() for h in halves)
+
+
+VS_VAL_COLUMNS = ["data", "model", "seeds", "val", "test", "diff", "se", "ratio", "first", "last"]
+
+
+def validation_gap(grid: dict, records: dict, data_dir: Path) -> pd.DataFrame:
+    """Per distortion and model run, the seeds' mean validation error (of the checkpoint each record's table
+    reports, ``eval.table_ckpt``), test error, their difference, its standard error √(p_t(1−p_t)/n_t +
+    p_v(1−p_v)/n_v) (of one run: the seeds share both image sets, so averaging them does not shrink the part the
+    choice of images contributes), the ratio test / validation and the test error on the two halves of MNIST's
+    test set (NaN unless the records scored its 10,000 images)."""
+    rows = []
+    for data in grid["distortions"]:
+        for model in grid["models"]:
+            recs = [records[k] for s in grid["seeds"] if (k := cell_name(model, data, s)) in records]
+            if not recs:
+                continue
+            split = test_split(str(data_dir), data)  # cached
+            oks = [correct(r, split) for r in recs]
+            val = sum(r.metrics["val"][f"err_{r.config.eval.table_ckpt}"] for r in recs) / len(recs)
+            test = sum(r.metrics["test"]["err"] for r in recs) / len(recs)
+            n_val, n_test = int(recs[0].config.mnist.sizes[1]), min(len(ok) for ok in oks)
+            halves = [half_errors(ok) for ok in oks]
+            first, last = ((float("nan"),) * 2 if any(h is None for h in halves) else
+                           (sum(h[i] for h in halves) / len(halves) for i in (0, 1)))
+            rows.append({"data": data, "model": model, "seeds": len(recs), "val": val, "test": test,
+                         "diff": test - val, "se": math.hypot(binomial_se(test, n_test), binomial_se(val, n_val)),
+                         "ratio": test / val if val else float("nan"), "first": first, "last": last})
+    return pd.DataFrame(rows, columns=VS_VAL_COLUMNS)
+
+
+def vs_val_section(t: pd.DataFrame | None) -> list[str]:
+    """The table of results.md's section "Test against validation" (``validation_gap``)."""
+    if t is None or not len(t):
+        return ["_no cell run yet_", ""]
+    table = pd.DataFrame({
+        "distortion": t.data.str.upper(), "model": [ROW_LABELS.get(m, m) for m in t.model], "seeds": t.seeds,
+        "validation err %": t.val.map(fmt), "test err %": t.test.map(fmt),
+        "test − validation": [f"{d:+.2f}" for d in t["diff"]], "SE": t.se.map(fmt),
+        "test / validation": t.ratio.map(fmt),
+        "test 1–5,000 (SD-3)": t["first"].map(fmt), "test 5,001–10,000 (SD-1)": t["last"].map(fmt)})
+    return [table.to_markdown(index=False, disable_numparse=True,
+                              colalign=["left", "left"] + ["right"] * (table.shape[1] - 2)), ""]
+
+
 N_DRAWN = 8  # test images per learned-transform figure (the first ones of the test set)
 
 
@@ -513,6 +564,7 @@ class Budget:
     inv: pd.DataFrame  # test error by distortion strength
     thetas: pd.DataFrame  # θ statistics of the ST cells
     drawn: list[str]  # cells whose learned transforms are drawn (file stems under figures/transforms/)
+    vs_val: pd.DataFrame | None = None  # test against validation error, and on the test set's halves
 
 
 def sensitivity_section(sens: pd.DataFrame, full: pd.DataFrame, paper: dict) -> list[str]:
@@ -651,6 +703,19 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
         "scores every one).",
         "",
         *(invariance_tables(full.inv) or ["_no R, RTS or P cell run yet_", ""]),
+        "## Test against validation",
+        "",
+        "Per model and distortion, the mean over its seeds of the validation error (the split made from the last "
+        "10,000 images of MNIST's training file) and of the test error, at the checkpoint of the table; their "
+        "difference and its standard error √(p_t(1−p_t)/n_t + p_v(1−p_v)/n_v), that of one run (the seeds share "
+        "the validation and the test images, so averaging them does not shrink the part the choice of images "
+        "contributes); the ratio of the two; and the test error on the first and on the last 5,000 test images, "
+        "which come from NIST's SD-3 and SD-1 (LeCun's MNIST page; the mean of the two halves is the test "
+        "error). The same raw digits underlie every distortion's split, so the rows of one model are not "
+        "independent measurements of the digits. The digits of each split and half: [data.md](data.md), \"The raw "
+        "digits: test against validation\".",
+        "",
+        *vs_val_section(full.vs_val),
         "## θ on the test set",
         "",
         "From each ST cell's record (first seed): mean |θ − identity| (`theta_dev`), the fraction of sampling "
@@ -708,7 +773,7 @@ def aggregate(root: Path = REPO) -> pd.DataFrame:
     drawn = draw_learned_transforms({**records, **{short_prefix + k: r for k, r in short_records.items()}}, data_dir,
                                     reports / "figures" / "transforms")
     full = Budget(grid, steps[grid["profile"]], df, inv, theta_table(grid, records, data_dir),
-                  [k for k in drawn if not k.startswith(short_prefix)])
+                  [k for k in drawn if not k.startswith(short_prefix)], validation_gap(grid, records, data_dir))
     short = Budget(short_grid, steps["short"], short_df, invariance(short_grid, short_records, data_dir),
                    theta_table(short_grid, short_records, data_dir), [k for k in drawn if k.startswith(short_prefix)])
     write_atomic(reports / "results.csv", pd.concat([df.assign(profile=grid["profile"]),

@@ -200,6 +200,10 @@ def test_aggregate_builds_table_and_figures_from_records_and_ignores_stale(tmp_p
     assert set(csv[csv.run].n_test) == {N_TEST}
     thetas = md.split("## θ on the test set")[1].split("## Cells more")[0]
     assert cell_name("st_fcn", "r", 0) in thetas and "r(rotation, angle)" in thetas
+    gap = md.split("## Test against validation")[1].split("## θ on")[0]
+    fcn_r = next(line for line in gap.splitlines() if line.startswith("| R ") and "| FCN " in line)
+    # seeds 0 and 1: validation 1.95 and 3.95 (err − 0.05), test 2 and 4; 60 test images: no MNIST halves
+    assert [c.strip() for c in fcn_r.split("|")[3:-1]] == ["2", "2.95", "3.00", "+0.05", "2.21", "1.02", "–", "–"]
 
 
 def test_aggregate_with_no_cell_run_yet(tmp_path):
@@ -485,3 +489,39 @@ def test_plots_draw_every_seed_and_model_from_two_seed_records(tmp_path, monkeyp
     assert figs[2].axes[0].get_ylim()[1] < 20
     for fig in figs:
         matplotlib.pyplot.close(fig)
+
+
+def test_the_test_halves_average_to_the_test_error():
+    from src.aggregate import half_errors
+
+    ok = torch.ones(10_000, dtype=torch.bool)
+    ok[torch.arange(0, 5_000, 20)] = False  # 250 wrong in the first 5,000: 5 %
+    ok[torch.arange(5_000, 10_000, 100)] = False  # 50 in the last: 1 %
+    first, last = half_errors(ok)
+    assert (first, last) == pytest.approx((5.0, 1.0)) and (first + last) / 2 == pytest.approx(100 * (~ok).double().mean().item())
+    assert half_errors(ok[:60]) is None  # not MNIST's test set: no halves
+
+
+def test_validation_gap_pairs_each_cell_with_its_validation_error_and_splits_the_test_set(tmp_path, monkeypatch):
+    import src.data.stats
+    from src.aggregate import binomial_se, validation_gap, vs_val_section
+    from src.records import load_record
+
+    fake_split(tmp_path, "r")
+    fake_cell(tmp_path, "fcn", "r", 0, 10.0)  # 6 of 60 wrong, the first six images
+    fake_cell(tmp_path, "fcn", "r", 1, 30.0)  # 18 wrong, the first eighteen
+    records = {k: load_record(tmp_path / "reports", k) for k in (cell_name("fcn", "r", 0), cell_name("fcn", "r", 1))}
+    grid = {"models": ["st_fcn", "fcn"], "distortions": ["rts", "r"], "seeds": [0, 1]}
+    monkeypatch.setattr(src.data.stats, "TEST_HALF", N_TEST // 2)  # as if these 60 images were MNIST's test set
+    t = validation_gap(grid, records, tmp_path / "data/distorted")
+    assert len(t) == 1 and t.iloc[0][["data", "model", "seeds"]].tolist() == ["r", "fcn", 2]  # only cells run
+    row = t.iloc[0]
+    assert (row.val, row.test, row["diff"]) == pytest.approx((19.95, 20.0, 0.05))  # fake val err: err − 0.05
+    assert (row["first"], row["last"]) == pytest.approx((40.0, 0.0))  # (6 + 18) / 2 of 30, then none of 30
+    assert (row["first"] + row["last"]) / 2 == pytest.approx(row.test)
+    assert row.se == pytest.approx((binomial_se(20.0, N_TEST) ** 2 + binomial_se(19.95, 10_000) ** 2) ** 0.5)
+    assert row.ratio == pytest.approx(20 / 19.95)
+    line = next(x for x in vs_val_section(t)[0].splitlines() if x.startswith("| R "))
+    assert [c.strip() for c in line.split("|")[1:-1]] == ["R", "FCN", "2", "19.95", "20.00", "+0.05", "5.18", "1.00",
+                                                          "40.00", "0.00"]
+    assert vs_val_section(None) == ["_no cell run yet_", ""]

@@ -1,4 +1,5 @@
-"""The data_stats stage: image statistics, P's frame cost from the recorded draws, one-line errors."""
+"""The data_stats stage: image statistics, P's frame cost from the recorded draws, the raw digits by split,
+one-line errors."""
 
 from __future__ import annotations
 
@@ -68,6 +69,10 @@ def test_stage_writes_the_report_and_refuses_bad_input_in_one_line(raw_file, tmp
     text = out.read_text()
     assert re.search(r"\| R +\| 28×28", text) and re.search(r"\| P +\| 28×28", text)
     assert "## P: what the frame costs" in text and "every draw lies whole" in text
+    raw_part = text.split("## The raw digits: test against validation")[1]
+    assert "## P: what the frame costs" not in raw_part  # the raw digits come last
+    rows = [line.split("|")[1].strip() for line in raw_part.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["training (40)", "validation (20)", "test (20)", "test − validation"]  # no halves: not MNIST's test set
     out.unlink()
     for grid, says in [("distortions: [r, e]\n", "dvc repro distort@e"), ("profile: full\n", "non-empty list"),
                        ("distortions: []\n", "non-empty list"), ("distortions: [r\n", "non-empty list")]:
@@ -84,3 +89,70 @@ def test_data_of_other_digits_is_refused(raw_file, tmp_path):
     split = load_split(data / "r", "test")
     with pytest.raises(UserError, match="not made from these raw digits"):
         stats._checked_split(data, "r", split["labels"].roll(1))
+
+
+def bars(widths: list[int], length: int = 20, canvas: int = 28) -> torch.Tensor:
+    """Upright bars, ``w`` px wide and ``length`` px high, one image each (uint8)."""
+    x = torch.zeros(len(widths), 1, canvas, canvas, dtype=torch.uint8)
+    for i, w in enumerate(widths):
+        x[i, 0, 4:4 + length, 12:12 + w] = 255
+    return x
+
+
+def test_digit_stats_of_known_shapes():
+    """A bar w px wide and L long: stroke width 2·A/P = w·L/(w + L), bounding box L × w, no slant."""
+    s = stats.digit_stats(bars([1, 2, 3]))
+    assert s["stroke"].tolist() == pytest.approx([20 / 21, 40 / 22, 60 / 23])
+    assert s["height"].tolist() == [20, 20, 20] and s["width"].tolist() == [1, 2, 3]
+    assert s["ink"].tolist() == pytest.approx([20, 40, 60]) and s["ink_px"].tolist() == pytest.approx([20 / 784, 40 / 784, 60 / 784])
+    assert s["slant"].tolist() == pytest.approx([0, 0, 0], abs=1e-9)
+    lean = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
+    for r in range(4, 24):  # one px to the right per px up: a 45° slant, the top to the right
+        lean[0, 0, r, 4 + (23 - r):4 + (23 - r) + 2] = 255
+    lean[1] = lean[0].flip(-1)  # its mirror image leans left
+    s = stats.digit_stats(lean)
+    assert s["slant"].tolist() == pytest.approx([45, -45]) and s["width"].tolist() == [21, 21]
+    edge = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
+    edge[0, 0, :2, :] = 255  # two full rows on the border: the image edge is background, P = 2·28 + 2·2
+    edge[1, 0, 5, 5] = 100  # below INK: ink mass but no ink pixel, so no stroke, box or width
+    s = stats.digit_stats(edge)
+    assert s["stroke"].tolist() == pytest.approx([2 * 56 / 60, 0]) and s["height"].tolist() == [2, 0]
+    assert s["ink"][1].item() == pytest.approx(100 / 255) and s["ink_px"][1].item() == 0 and s["width"][1].item() == 0
+    blank = stats.digit_stats(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
+    assert all(v.item() == 0 for v in blank.values())
+
+
+def test_split_stats_are_means_with_standard_errors_whatever_the_chunk(monkeypatch):
+    x = bars([2, 2, 3, 3])
+    s = stats.split_stats(x)
+    widths = torch.tensor([40 / 22, 40 / 22, 60 / 23, 60 / 23], dtype=torch.float64)
+    assert s["stroke"] == pytest.approx((widths.mean().item(), (widths.std() / 2).item()))
+    assert s["height"] == (20, 0)
+    monkeypatch.setattr(stats, "CHUNK", 3)
+    assert stats.split_stats(x) == pytest.approx(s)
+
+
+def test_the_test_halves_are_mnist_first_and_last_5000():
+    first, last = stats.nist_halves(10_000)
+    assert (first.start, first.stop, last.start, last.stop) == (0, 5_000, 5_000, 10_000)
+    assert stats.nist_halves(60) is None and stats.nist_halves(5_000) is None
+
+
+def test_raw_section_compares_the_splits_and_the_test_halves():
+    """Test digits 2 px wide in the first 5,000, 3 px in the last: each half reads its own width exactly."""
+    raw = {"train": {"images": bars([2, 3]), "labels": torch.zeros(2, dtype=torch.int64)},
+           "val": {"images": bars([2, 2]), "labels": torch.zeros(2, dtype=torch.int64)},
+           "test": {"images": bars([2] * 5_000 + [3] * 5_000), "labels": torch.zeros(10_000, dtype=torch.int64)}}
+    lines = stats._raw_section(raw)
+    assert lines[0] == "## The raw digits: test against validation"
+    table = [[c.strip() for c in line.split("|")[1:-1]] for line in "\n".join(lines).splitlines() if line.startswith("| ")]
+    col = table[0].index("stroke width (px)")
+    rows = {r[0]: r[col] for r in table[1:]}
+    two, three = 40 / 22, 60 / 23
+    mixed = torch.tensor([two] * 5_000 + [three] * 5_000, dtype=torch.float64)
+    assert rows == {"training (2)": f"{(two + three) / 2:.3f} ± {(three - two) / 2:.3f}",  # std of two = |a − b|/√2
+                    "validation (2)": f"{two:.3f} ± 0.000", "test (10,000)": f"{mixed.mean():.3f} ± {mixed.std() / 100:.3f}",
+                    "test 1–5,000 (SD-3)": f"{two:.3f} ± 0.000", "test 5,001–10,000 (SD-1)": f"{three:.3f} ± 0.000",
+                    "test − validation": f"+{(three - two) / 2:.3f} ± {mixed.std() / 100:.3f}",
+                    "last − first test half": f"+{three - two:.3f} ± 0.000"}
+    assert table[0][1:] == ["ink mass", "ink pixels %", "stroke width (px)", "height (px)", "width (px)", "slant (°)"]

@@ -4,7 +4,9 @@ What each distorted test set of params.yaml's grid looks like, measured on the r
 the analysis quotes data statistics from a generated file: how much of the raw digit's ink an image
 shows, how often a stroke touches the border, how far the ink wanders from the centre. For P also what
 the 28×28 frame costs: the test split's recorded draws (scale, corner moves) rendered again on a canvas
-twice as large, beside the same draws at the stored size.
+twice as large, beside the same draws at the stored size. Last, the raw digits every distortion starts from,
+split by split (training, validation, test and the test set's two halves): whether the digits the test
+error is measured on are drawn like those the validation error is measured on.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from src.runinfo import REPO, UserError, stage_main, write_atomic
 
 BORDER_INK = 0.3  # a stroke "touches the border" when a pixel of the outermost ring is brighter than this
 FAR_CORNER_PX = 10.0  # a corner moved further than this (Euclidean) is a strong perspective
+INK = 0.5  # a raw pixel is ink when brighter than this: the binarised digit of area, perimeter and bounding box
+TEST_HALF = 5_000  # MNIST's test set (10,000) is two writer populations in turn: the first 5,000, then the last 5,000
+CHUNK = 10_000  # raw digits measured at once (per-image statistics: the chunking changes no number)
 OUT = REPO / "reports" / "data.md"
 PARAMS = REPO / "params.yaml"  # its `distortions`: the grid described
 
@@ -44,6 +49,115 @@ def image_stats(images: torch.Tensor, digits: torch.Tensor) -> dict[str, float]:
     return {"canvas": float(x.shape[-1]), "ink_vs_raw": (ink / (digits.double() / 255).sum((1, 2, 3))).mean().item(),
             "blank": float((ink == 0).sum()), "border": (_ring(x).amax(1) > BORDER_INK).double().mean().item(),
             "spread_x": cx.std().item(), "spread_y": cy.std().item()}
+
+
+def nist_halves(n: int) -> tuple[slice, slice] | None:
+    """The first and the last TEST_HALF images of MNIST's test set, or None for a test set of another size.
+
+    LeCun's MNIST page: "The first 5000 examples of the test set are taken from the original NIST training
+    set. The last 5000 are taken from the original NIST test set" (SD-3, written by Census Bureau employees,
+    and SD-1, by high-school students). Errors and digit statistics averaged over the whole test set mix the
+    two; each half is one population."""
+    return (slice(0, TEST_HALF), slice(TEST_HALF, n)) if n == 2 * TEST_HALF else None
+
+
+def digit_stats(digits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-image shape statistics of raw digits (N, 1, H, W) uint8, each (N,) float64.
+
+    ``ink``: the pixel sum in [0, 1]; ``ink_px``: the fraction of pixels brighter than INK; ``stroke``: the
+    mean stroke width 2·A/P of the binarised digit (A its ink pixels, P its perimeter: the ink/background
+    pixel edges, 4-neighbours, the image border counting as background), which a long bar w px wide gives as
+    w·L/(w + L), w for L ≫ w (the ends add 2w to the perimeter, and a diagonal edge's staircase counts up to
+    √2 times its length: a measure to compare splits by, not a calibrated width); ``height``/``width``: the
+    bounding box of the ink pixels; ``slant``: the shear of the grey-level second moments, atan(−μ11/μ02) in
+    degrees, positive when the top of the digit leans right (the moment deskewing of MNIST digits). A digit
+    without an ink pixel has stroke, height and width 0; one without a moment μ02 slant 0."""
+    x = digits.double()[:, 0] / 255
+    ink_px = x > INK
+    area = ink_px.sum((1, 2)).double()
+    padded = torch.nn.functional.pad(ink_px, (1, 1, 1, 1))
+    edges = (padded[:, 1:] != padded[:, :-1]).sum((1, 2)) + (padded[:, :, 1:] != padded[:, :, :-1]).sum((1, 2))
+    rows, cols = (torch.arange(n, dtype=torch.float64) for n in x.shape[1:])
+
+    def extent(hit: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # (N, K) any-ink per row/column → px spanned
+        return (torch.where(hit, idx, -1.0).amax(1) - torch.where(hit, idx, float(len(idx))).amin(1) + 1).clamp_min(0)
+    mass = x.sum((1, 2))
+    weight = x / mass.clamp_min(1e-12)[:, None, None]
+    cy, cx = (weight.sum(2) * rows).sum(1), (weight.sum(1) * cols).sum(1)
+    dy, dx = rows[None, :, None] - cy[:, None, None], cols[None, None, :] - cx[:, None, None]
+    mu11, mu02 = (weight * dx * dy).sum((1, 2)), (weight * dy * dy).sum((1, 2))
+    slant = torch.where(mu02 > 0, torch.rad2deg(torch.atan(-mu11 / mu02.clamp_min(1e-12))), 0.0)
+    return {"ink": mass, "ink_px": area / (x.shape[1] * x.shape[2]), "stroke": 2 * area / edges.double().clamp_min(1),
+            "height": extent(ink_px.any(2), rows), "width": extent(ink_px.any(1), cols), "slant": slant}
+
+
+def mean_se(values: torch.Tensor) -> tuple[float, float]:
+    """The mean of per-image values and its standard error, std (ddof = 1) / √N."""
+    return values.mean().item(), (values.std() / len(values) ** 0.5).item()
+
+
+def split_stats(digits: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """(mean, SE) of every ``digit_stats`` statistic over a split, measured CHUNK images at a time."""
+    parts = [digit_stats(digits[i:i + CHUNK]) for i in range(0, len(digits), CHUNK)]
+    return {k: mean_se(torch.cat([p[k] for p in parts])) for k in parts[0]}
+
+
+def raw_splits(raw: dict) -> dict[str, torch.Tensor]:
+    """The raw digits compared: training, validation, test and, for MNIST's 10,000 test images, its halves."""
+    n_tr, n_va, n_te = (len(raw[s]["labels"]) for s in ("train", "val", "test"))
+    splits = {f"training ({n_tr:,})": raw["train"]["images"],
+              f"validation ({n_va:,})": raw["val"]["images"],
+              f"test ({n_te:,})": raw["test"]["images"]}
+    halves = nist_halves(n_te)
+    if halves is not None:
+        first, last = halves
+        splits[f"test {first.start + 1:,}–{first.stop:,} (SD-3)"] = raw["test"]["images"][first]
+        splits[f"test {last.start + 1:,}–{last.stop:,} (SD-1)"] = raw["test"]["images"][last]
+    return splits
+
+
+RAW_COLUMNS = {  # statistic → (column, decimals)
+    "ink": ("ink mass", 2), "ink_px": ("ink pixels %", 2), "stroke": ("stroke width (px)", 3),
+    "height": ("height (px)", 2), "width": ("width (px)", 2), "slant": ("slant (°)", 2)}
+
+
+def _raw_section(raw: dict) -> list[str]:
+    """The raw digits split by split, each statistic's mean ± its standard error, and the differences of test
+    against validation and of the test set's two halves (± the standard error of a difference of independent
+    means: the splits share no image)."""
+    splits = raw_splits(raw)
+    names = list(splits)
+    s = {name: split_stats(d) for name, d in splits.items()}
+    diffs = [("test − validation", names[2], names[1])] + ([("last − first test half", names[4], names[3])]
+                                                            if len(names) == 5 else [])
+    for label, a, b in diffs:
+        s[label] = {k: (s[a][k][0] - s[b][k][0], (s[a][k][1] ** 2 + s[b][k][1] ** 2) ** 0.5) for k in RAW_COLUMNS}
+
+    def cell(row: str, k: str) -> str:
+        scale, dp = (100 if k == "ink_px" else 1), RAW_COLUMNS[k][1]
+        m, e = s[row][k]
+        return f"{scale * m:{'' if row in splits else '+'}.{dp}f} ± {scale * e:.{dp}f}"
+    table = pd.DataFrame({col: [cell(r, k) for r in s] for k, (col, _) in RAW_COLUMNS.items()}, index=list(s))
+    halves = ("By LeCun's MNIST page, the test set's first 5,000 images come from NIST's SD-3 (written by Census "
+              "Bureau employees) and its last 5,000 from SD-1 (by high-school students); the page calls the first "
+              "5,000 \"cleaner and easier\". " if len(names) == 5 else "")
+    return [
+        "## The raw digits: test against validation",
+        "",
+        "The raw MNIST digits every distorted split is made from: each statistic's mean over the split ± its "
+        "standard error (std / √N), then differences ± the standard error of a difference of independent means. "
+        "The validation split is the last 10,000 images of MNIST's training file (src/data/mnist.py). " + halves +
+        f"*Ink mass*: the pixel sum in [0, 1]. *Ink pixels*: pixels brighter than {INK}, % of the image. *Stroke "
+        "width*: 2·A/P of the binarised digit (A: its ink pixels, P: its ink/background pixel edges), which a bar "
+        "w px wide and L long gives as w·L/(w + L): a measure to compare splits by (the ends and the staircase of "
+        "a diagonal edge lower it alike in every split). *Height*, *width*: the bounding box of the ink pixels. "
+        "*Slant*: atan(−μ11/μ02) of the grey-level second moments, in degrees, positive when the top leans right. "
+        "Test error on the two halves against validation error, model by model: [results.md](results.md), "
+        "\"Test against validation\".",
+        "",
+        table.to_markdown(disable_numparse=True),
+        "",
+    ]
 
 
 def render_projective(digits: torch.Tensor, params: dict, cfg, size: int, align_corners: bool) -> torch.Tensor:
@@ -116,8 +230,9 @@ def _frame_section(name: str, s: dict) -> list[str]:
 
 
 def describe(data_dir: Path, raw_file: Path, distortions: list[str]) -> str:
-    """reports/data.md for the test splits of ``distortions``."""
-    test = load_raw(raw_file)["test"]
+    """reports/data.md: the test splits of ``distortions``, then the raw digits of every split."""
+    raw = load_raw(raw_file)
+    test = raw["test"]
     digits = test["images"]
     rows, frames = {}, []
     for name in distortions:
@@ -127,6 +242,7 @@ def describe(data_dir: Path, raw_file: Path, distortions: list[str]) -> str:
             frames += _frame_section(name.upper(), frame_stats(split, digits, manifest["config"],
                                                                bool(manifest["align_corners"])))
     t = pd.DataFrame(rows).T
+    raw_section = _raw_section(raw)
     table = pd.DataFrame({
         "canvas": [f"{int(c)}×{int(c)}" for c in t["canvas"]],
         "ink / raw digit's": [f"{v:.3f}" for v in t["ink_vs_raw"]],
@@ -146,6 +262,7 @@ def describe(data_dir: Path, raw_file: Path, distortions: list[str]) -> str:
         table.to_markdown(disable_numparse=True),
         "",
         *frames,
+        *raw_section,
     ])
 
 
