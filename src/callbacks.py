@@ -8,7 +8,6 @@ continues its curve, its segment list and its guard exactly where the interrupte
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -176,9 +175,7 @@ class SignalStop(pl.Callback):
         self.signum = signum
 
     def save(self, trainer) -> None:
-        tmp = self.ckpt_path.with_name(f".{self.ckpt_path.name}.tmp")
-        trainer.save_checkpoint(tmp)
-        os.replace(tmp, self.ckpt_path)
+        trainer.save_checkpoint(self.ckpt_path)  # atomically (src.train.AtomicCheckpointIO)
 
     def stopped(self, step: int) -> Stopped:
         name = signal.Signals(self.signum).name

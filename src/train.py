@@ -1,9 +1,9 @@
 """Train and test one cell of Table 1: ``python -m src.train model=st_fcn data=r [trainer=quick] [seed=1]``.
 
 ``train(cfg)`` is pure (tests call it); ``main`` is the thin Hydra app around it. Expected failures
-(a bad value, missing or mismatched data, a diverging run, a second run of the same cell) are one
-line on stderr and a non-zero exit; SIGTERM / Ctrl-C write a checkpoint and exit 143 / 130; so
-does the end of the ``dvc`` process running a pipeline cell (``follow_dvc``).
+(a bad value, missing or mismatched data, a full disk, a diverging run, a second
+run of the same cell) are one line on stderr and a non-zero exit; SIGTERM / Ctrl-C write a checkpoint and
+exit 143 / 130; so does the end of the ``dvc`` process running a pipeline cell (``follow_dvc``).
 Rerunning the same command resumes from the last checkpoint.
 
 A run directory holds one cell under any number of configs: ``<run_dir>/<fingerprint>/`` keeps the
@@ -70,7 +70,8 @@ def quiet_lightning(quiet: bool) -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*(does not have many workers|ended before the epoch ended"
                                               "|is smaller than the logging interval|Checkpoint directory"
-                                              "|Experiment logs directory|`training_step` returns `None`).*")
+                                              "|Experiment logs directory|`training_step` returns `None`"
+                                              "|configured with multiple `ModelCheckpoint`).*")  # best.ckpt's is the first
     # the module's step pulls exactly one batch (no accumulation), the case these warnings call safe;
     # tests/test_train.py checks that the loop computes exactly the written-out step
     warnings.filterwarnings("ignore", message=".*(`dataloader_iter` step flavor|`dataloader_iter` argument in the "
@@ -140,6 +141,17 @@ def emulated_bf16(cfg: DictConfig) -> str | None:
     return None
 
 
+class AtomicCheckpointIO(pl.plugins.TorchCheckpointIO):
+    """Every checkpoint (best.ckpt, last.ckpt, the one a signal writes) is written as ``write_atomic`` writes:
+    a temp file beside it, fsync, rename. A full disk or a kill mid-write leaves the previous checkpoint for a
+    resume to read, and a full disk is one line naming the path and the free space (``DiskFull``)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        write_atomic(Path(path), buf.getvalue())
+
+
 def make_trainer(cfg: DictConfig, ckpt_dir: Path, callbacks: list, label: str) -> pl.Trainer:
     t = cfg.trainer
     # best.ckpt at a new lowest validation error, then last.ckpt at every validation (with the best's updated
@@ -158,7 +170,7 @@ def make_trainer(cfg: DictConfig, ckpt_dir: Path, callbacks: list, label: str) -
         limit_val_batches=t.limit_val_batches, deterministic=t.deterministic, precision=cfg.model.precision,
         logger=False, callbacks=[best, last, *callbacks, ProgressLog(label, t.max_steps), *bar],
         enable_progress_bar=bool(bar), enable_model_summary=False, num_sanity_val_steps=0,
-        default_root_dir=ckpt_dir.parent,
+        default_root_dir=ckpt_dir.parent, plugins=[AtomicCheckpointIO()],
     )
 
 

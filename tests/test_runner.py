@@ -1,5 +1,5 @@
 """A cell run cannot lose work or mislead: bad values, a second run, a corrupt checkpoint, a diverging
-run, Hydra's own flags and a pipeline cell from uncommitted sources, each as a user meets them on the command line."""
+run, Hydra's own flags, a pipeline cell from uncommitted sources and a full disk, each as a user meets them on the command line."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -253,3 +254,103 @@ def test_a_clean_tree_records_its_commit_and_starts_a_pipeline_cell(tmp_path, cl
         train.check_committed()
     monkeypatch.setattr(runinfo, "REPO", tmp_path)  # no git history to compare with (a GPU window's copy)
     train.check_committed()
+
+
+# ------------------------------------------------------------------ a full disk
+
+def test_a_full_disk_mid_write_leaves_the_previous_file_and_is_one_line(tmp_path, monkeypatch):
+    """ENOSPC after part of a file is written (a record file, a checkpoint): the previous file stays whole at its
+    path, no temporary file is left, and the error is one line naming the path and the free space."""
+    import errno
+
+    import torch
+
+    from src import runinfo
+    from src.train import AtomicCheckpointIO
+
+    real_fdopen = os.fdopen
+
+    class Filling:  # writes half of what it is given, then the disk is full
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:len(data) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    metrics, ckpt = tmp_path / "record" / "metrics.json", tmp_path / "checkpoints" / "last.ckpt"
+    runinfo.write_json(metrics, {"previous": 1})
+    AtomicCheckpointIO().save_checkpoint({"global_step": 10}, ckpt)
+    before = {p: p.read_bytes() for p in (metrics, ckpt)}
+    monkeypatch.setattr(runinfo.os, "fdopen", lambda *a, **k: Filling(real_fdopen(*a, **k)))
+    for write, path in [(lambda: runinfo.write_json(metrics, {"new": 2}), metrics),
+                        (lambda: AtomicCheckpointIO().save_checkpoint({"global_step": 20, "w": torch.ones(1000)}, ckpt),
+                         ckpt)]:
+        with pytest.raises(runinfo.DiskFull) as e:
+            write()
+        line = str(e.value)
+        assert "\n" not in line and e.value.exit_code != 0
+        assert line.startswith(f"No space left on device writing {path} (") and " free there); free some space" in line
+        assert path.read_bytes() == before[path]
+        assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file beside it
+    monkeypatch.undo()
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 10  # what a resume reads
+
+
+def _can_mount_tmpfs() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs a user namespace to mount a small tmpfs")
+def test_a_full_disk_at_a_checkpoint_or_the_record_is_one_line_and_the_run_resumes_once_space_is_freed(smoke, tmp_path):
+    """Real full disks: small tmpfs mounts (in a user namespace) under the run directory, then under the record's
+    directory; each run stops with one line, and after the mount grows the same command resumes and finishes."""
+    import shlex
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "rec").mkdir()
+    args = [a.replace(f"{tmp_path}/cell", f"{tmp_path}/rec/cell") for a in smoke]
+    cmd = shlex.join([sys.executable, "-m", "src.train", *args])
+    out = lambda n: f"> {tmp_path}/out{n} 2> {tmp_path}/err{n}; echo $? > {tmp_path}/rc{n}"  # noqa: E731
+    script = "\n".join([
+        f"mount -t tmpfs -o size=2500k tmpfs {tmp_path}/run",  # two checkpoints (~1 MB each) fit, not a third
+        f"{cmd} {out(1)}",
+        f"ls -a {tmp_path}/run/*/checkpoints > {tmp_path}/listing",
+        f"mount -o remount,size=20m {tmp_path}/run",
+        f"mount -t tmpfs -o size=4k tmpfs {tmp_path}/rec",  # the record's cell directory does not fit
+        f"{cmd} {out(2)}",
+        f"mount -o remount,size=1m {tmp_path}/rec",
+        f"{cmd} {out(3)}",
+        f"cp -r {tmp_path}/rec/cell {tmp_path}/cell",
+    ])
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, timeout=600, check=True)
+    text = lambda name: (tmp_path / name).read_text()  # noqa: E731
+    assert text("rc1").strip() == "1", text("err1")
+    line = one_error_line(SimpleNamespace(stderr=text("err1")))
+    assert re.fullmatch(rf"error: No space left on device writing {tmp_path}/run/\w+/checkpoints/(best|last)\.ckpt "
+                        r"\(\d+\.\d kB to write, \d+\.\d kB free there\); free some space and rerun the same command",
+                        line), line
+    assert text("listing").split() == [".", "..", "best.ckpt", "last.ckpt"]  # no partial file
+    assert text("rc2").strip() == "1", text("err2")
+    assert re.match(rf"error: No space left on device writing {tmp_path}/rec/cell/\S+ \(",
+                    one_error_line(SimpleNamespace(stderr=text("err2"))))
+    assert "resuming 0-fcn-r from step 10 " in text("out2")
+    assert text("rc3").strip() == "0", text("err3")
+    assert "resuming 0-fcn-r from step 20 " in text("out3")
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 20
+    assert sorted(p.name for p in (tmp_path / "cell").iterdir()) == ["outcomes.pt", "provenance.json"]
+
