@@ -1,7 +1,7 @@
 """Train and test one cell of Table 1: ``python -m src.train model=st_fcn data=r [trainer=quick] [seed=1]``.
 
 ``train(cfg)`` is pure (tests call it); ``main`` is the thin Hydra app around it. Expected failures
-(a bad value, missing or mismatched data, a full disk, a diverging run, a second
+(a bad value, missing or mismatched data, an unwritable output, a full disk, a diverging run, a second
 run of the same cell) are one line on stderr and a non-zero exit; SIGTERM / Ctrl-C write a checkpoint and
 exit 143 / 130; so does the end of the ``dvc`` process running a pipeline cell (``follow_dvc``).
 Rerunning the same command resumes from the last checkpoint.
@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E402
 
 from src.callbacks import CurveRecorder, DivergenceGuard, ProgressLog, Segments, SignalStop, curve_csv  # noqa: E402
-from src.config import added_keys, cell_name, check_added_keys, result_config, validate  # noqa: E402
+from src.config import ConfigError, added_keys, cell_name, check_added_keys, result_config, validate  # noqa: E402
 from src.data.datamodule import DistortedMNIST  # noqa: E402
 from src.models.build import build_model  # noqa: E402
 from src.models.module import Classifier  # noqa: E402
@@ -83,6 +83,28 @@ def run_fingerprint(cfg: DictConfig) -> str:
     checkpoints resume only under the same pair, so a change that provably keeps results (the same
     fingerprint) keeps every interrupted run resumable."""
     return hashlib.sha256((json.dumps(result_config(cfg), sort_keys=True) + FINGERPRINT.read_text()).encode()).hexdigest()
+
+
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.run_dir) / run_fingerprint(cfg)[:12] / "checkpoints"
+
+
+def check_writable(cfg: DictConfig) -> None:
+    """Every place a run writes is writable before anything is written, so that an unwritable one is one line
+    (exit 2) at the start, not Hydra's traceback or a PermissionError after the whole run. The run directory
+    (Hydra's log, the lock) and the checkpoints are written into: itself or, missing, its nearest existing
+    ancestor; the metrics and curve files and the cell directory are replaced by a rename of a sibling:
+    their directory, and themselves where they exist."""
+    places = [("paths.run_dir", Path(cfg.paths.run_dir), False), ("paths.run_dir", checkpoint_dir(cfg), False),
+              ("paths.metrics_file", Path(cfg.paths.metrics_file), True),
+              ("paths.curve_file", Path(cfg.paths.curve_file), True), ("paths.cell_dir", Path(cfg.paths.cell_dir), True)]
+    for key, path, replaced in places:
+        where = path.parent if replaced else path
+        base = next(p for p in (where, *where.parents) if p.exists())
+        for p in ([path] if replaced and path.exists() else []) + [base]:
+            if not os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0)):
+                to = "" if p == path else f" (to write {path})"
+                raise ConfigError(f"{key}: {p} is not writable{to}; make it writable or choose another {key}")
 
 
 @contextlib.contextmanager
@@ -207,6 +229,7 @@ def write_record(cfg: DictConfig, files: dict[str, str | bytes], metrics: dict, 
 def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     """Fit, test the last and the best-validation checkpoints, write the record; returns the metrics."""
     validate(cfg)
+    check_writable(cfg)
     label = cell_name(cfg.model.name, cfg.data.name, cfg.seed)
     quiet_lightning(cfg.quiet)
     from src.plan import start_line  # logging only (cell, steps, device, precision, projected time): no result depends on it
@@ -221,8 +244,7 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     dm.setup("fit")  # missing, tampered, malformed or mismatched data (any split) fail here, before anything is written
 
     run_dir = Path(cfg.paths.run_dir)
-    fingerprint = run_fingerprint(cfg)
-    ckpt_dir = run_dir / fingerprint[:12] / "checkpoints"
+    fingerprint, ckpt_dir = run_fingerprint(cfg), checkpoint_dir(cfg)
     with cell_lock(run_dir, label):
         resume_from = resume_point(ckpt_dir) if cfg.resume else None
         if resume_from is not None:
@@ -347,6 +369,7 @@ def check_overrides(argv: list[str]) -> None:
         return
     cfg = compose_config(argv)
     validate(cfg)
+    check_writable(cfg)  # before Hydra writes its log into the run directory
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

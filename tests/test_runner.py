@@ -1,8 +1,9 @@
 """A cell run cannot lose work or mislead: bad values, a second run, a corrupt checkpoint, a diverging
-run, Hydra's own flags, a pipeline cell from uncommitted sources and a full disk, each as a user meets them on the command line."""
+run, Hydra's own flags, a pipeline cell from uncommitted sources, a full disk and unwritable outputs, each as a user meets them on the command line."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -256,7 +257,7 @@ def test_a_clean_tree_records_its_commit_and_starts_a_pipeline_cell(tmp_path, cl
     train.check_committed()
 
 
-# ------------------------------------------------------------------ a full disk
+# ------------------------------------------------------------------ a full disk, unwritable outputs
 
 def test_a_full_disk_mid_write_leaves_the_previous_file_and_is_one_line(tmp_path, monkeypatch):
     """ENOSPC after part of a file is written (a record file, a checkpoint): the previous file stays whole at its
@@ -353,4 +354,47 @@ def test_a_full_disk_at_a_checkpoint_or_the_record_is_one_line_and_the_run_resum
     assert "resuming 0-fcn-r from step 20 " in text("out3")
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 20
     assert sorted(p.name for p in (tmp_path / "cell").iterdir()) == ["outcomes.pt", "provenance.json"]
+
+
+@contextlib.contextmanager
+def unwritable(path: Path):
+    """``path`` unwritable for this process: read-only for a user, immutable (chattr +i) for root."""
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        try:
+            yield
+        finally:
+            path.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        pytest.skip("root, and no chattr +i here: nothing is unwritable")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.parametrize("place, key", [("run", "paths.run_dir"), ("checkpoints", "paths.run_dir"),
+                                        ("m", "paths.metrics_file"), ("c", "paths.curve_file"),
+                                        ("cells", "paths.cell_dir")])
+def test_an_unwritable_output_is_one_line_exit_2_before_anything_is_written(smoke, tmp_path, place, key):
+    from src.runinfo import compose_config
+    from src.train import checkpoint_dir
+
+    args = [a for a in smoke if not a.startswith(("paths.metrics_file", "paths.curve_file", "paths.cell_dir"))]
+    args += [f"paths.metrics_file={tmp_path}/m/metrics.json", f"paths.curve_file={tmp_path}/c/curve.csv",
+             f"paths.cell_dir={tmp_path}/cells/cell"]
+    ckpts = checkpoint_dir(compose_config(args))
+    for d in ("m", "c", "cells"):
+        (tmp_path / d).mkdir()
+    ckpts.mkdir(parents=True)  # a run of the same config that stopped before its first checkpoint
+    target = ckpts if place == "checkpoints" else tmp_path / place
+    before = sorted(tmp_path.rglob("*"))
+    with unwritable(target):
+        r = run_cli(*args, timeout=120)
+    assert r.returncode == 2, r.stderr
+    written = {"m": "metrics.json", "c": "curve.csv", "cells": "cell"}.get(place)
+    to = f" (to write {target / written})" if written else ""
+    assert one_error_line(r) == f"error: {key}: {target} is not writable{to}; make it writable or choose another {key}"
+    assert sorted(tmp_path.rglob("*")) == before  # not even Hydra's log
 
