@@ -1,5 +1,6 @@
 """Lightning callbacks of a cell run: its learning curve, its progress lines, the time and commit of
-every segment of a resumed run, the guard against a diverging run and the stop on a signal.
+every segment of a resumed run, the guard against a diverging run, the code stamp of every checkpoint
+and the stop on a signal.
 
 Every callback with state keeps it in the checkpoint (plain Python values), so a resumed run
 continues its curve, its segment list and its guard exactly where the interrupted one stopped.
@@ -137,6 +138,20 @@ class Segments(pl.Callback):
 
     def load_state_dict(self, state_dict):
         self.done = list(state_dict["segments"])
+
+
+class CodeStamp(pl.Callback):
+    """Every checkpoint carries the training code that wrote it (``src.train.code_hashes``), so a resume can
+    tell whether it continues under the same code (``src.train.check_same_code``)."""
+
+    def __init__(self, code: dict[str, str]):
+        self.code = dict(code)
+
+    def state_dict(self):
+        return {"code": self.code}
+
+    def load_state_dict(self, state_dict):
+        pass  # the checkpoints this process writes carry its own code, not the resumed one's
 
 
 class Stopped(UserError):

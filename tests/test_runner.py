@@ -1,5 +1,6 @@
 """A cell run cannot lose work or mislead: bad values, a second run, a corrupt checkpoint, a diverging
-run, Hydra's own flags, a pipeline cell from uncommitted sources, a full disk and unwritable outputs, each as a user meets them on the command line."""
+run, Hydra's own flags, a pipeline cell from uncommitted sources, a full disk, unwritable outputs and a resume
+under changed code, each as a user meets them on the command line."""
 
 from __future__ import annotations
 
@@ -398,3 +399,82 @@ def test_an_unwritable_output_is_one_line_exit_2_before_anything_is_written(smok
     assert one_error_line(r) == f"error: {key}: {target} is not writable{to}; make it writable or choose another {key}"
     assert sorted(tmp_path.rglob("*")) == before  # not even Hydra's log
 
+
+# ------------------------------------------------------------------ resume only into the same code
+
+LOSS = "return F.cross_entropy(self.net(x), y)"
+
+
+def test_a_run_resumes_only_under_the_code_that_wrote_its_checkpoint(smoke, tmp_path, clone):
+    """Stop a run, change its loss: the rerun refuses in one line naming the file (exit 2). A comment-only edit
+    keeps the result fingerprint: the rerun resumes, says why, and its checkpoints carry the new code."""
+    import signal
+    import time
+
+    import torch
+
+    env = {k: v for k, v in os.environ.items() if k != "DVC_STAGE"}
+    args = [*smoke, "trainer.max_steps=1000000", "trainer.val_check_interval=10"]
+    log = tmp_path / "run" / "train.log"
+
+    def run_until(text: str) -> None:
+        """the cell's log shows ``text`` after the start of this run; then SIGTERM (checkpoint, exit 143)"""
+        start = log.read_text().count("steps on ") if log.exists() else 0
+        p = subprocess.Popen([sys.executable, "-m", "src.train", *args], cwd=clone, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            end = time.time() + 180
+            while time.time() < end and p.poll() is None:
+                runs = log.read_text().split("steps on ") if log.exists() else []
+                this = runs[-1] if len(runs) > start + 1 else ""
+                if text in this and "] step " in this[this.index(text) + len(text):]:
+                    break
+                time.sleep(0.2)
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(timeout=60) == 143, p.stderr.read()
+        finally:
+            p.kill()
+
+    run_until("")
+    module = clone / "src" / "models" / "module.py"
+    source = module.read_text()
+    assert LOSS in source
+    module.write_text(source.replace(LOSS, LOSS[:-1] + ", label_smoothing=0.1)"))
+    r = run_cli(*args, cwd=clone, env=env)
+    assert r.returncode == 2, r.stderr
+    line = one_error_line(r)
+    assert re.fullmatch(r"error: 0-fcn-r: the training code changed since \S+/checkpoints/last\.ckpt was written "
+                        r"\(src/models/module\.py\) and the result fingerprint of fcn on r does not hold; .*"
+                        r"pass resume=false to train this cell from step 0", line), line
+
+    module.write_text(source + "# a comment: no result changes\n")
+    run_until("the change keeps results: resuming")
+    assert ("0-fcn-r: the training code changed since last.ckpt was written (src/models/module.py); the result "
+            "fingerprint of fcn on r holds, so the change keeps results: resuming") in log.read_text()
+    last = next((tmp_path / "run").glob("*/checkpoints/last.ckpt"))
+    stamp = torch.load(last, weights_only=True)["callbacks"]["CodeStamp"]["code"]
+    assert stamp["src/models/module.py"] == hashlib.sha256(module.read_bytes()).hexdigest()[:16]
+
+
+def test_a_checkpoint_without_a_code_stamp_resumes_unchecked(tmp_path, caplog, monkeypatch):
+    """Checkpoints written before they carried their code (runs in progress today) still resume, saying so;
+    the same code needs no fingerprint."""
+    import logging
+
+    import torch
+
+    from src import fingerprint
+    from src.runinfo import compose_config
+    from src.train import check_same_code, code_hashes
+
+    monkeypatch.setattr(fingerprint, "holds", lambda cell: pytest.fail("no fingerprint needed"))
+    cfg, code = compose_config(["model=fcn"]), code_hashes()
+    assert "src/models/module.py" in code and "src/train.py" in code and not any(f.startswith("data/") for f in code)
+    old, same = tmp_path / "old.ckpt", tmp_path / "same.ckpt"
+    torch.save({"global_step": 5, "callbacks": {}}, old)
+    torch.save({"global_step": 5, "callbacks": {"CodeStamp": {"code": code}}}, same)
+    with caplog.at_level(logging.INFO, logger="src.train"):
+        check_same_code(old, cfg, "0-fcn-r", code)
+        check_same_code(same, cfg, "0-fcn-r", code)
+    assert caplog.messages == [f"0-fcn-r: {old} does not record the training code that wrote it (older code); "
+                               f"resuming without checking it"]
