@@ -147,6 +147,26 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def check_dvc_lock(root: Path = REPO) -> None:
+    """dvc.lock as a dvc command killed while writing it leaves it (``kill -9`` during ``dvc commit -f``): empty
+    (every dvc command then fails), cut off mid-line or unparseable (read, it would lose locked stages). One
+    line saying how to restore it; dvc writes it whole, ending in a newline."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return
+    text = lock.read_bytes()
+    try:
+        stages = yaml.safe_load(text).get("stages") if text.endswith(b"\n") else None
+    except (yaml.YAMLError, AttributeError):
+        stages = None
+    if not isinstance(stages, dict):
+        what = "empty" if not text.strip() else f"truncated or corrupt ({len(text)} bytes)"
+        raise UserError(f"{lock} is {what}, as a dvc command killed while writing it leaves it; restore it with "
+                        f"`git checkout dvc.lock` (then `dvc commit -f` any stage locked since that commit)")
+
+
 def _git(*args: str) -> bytes | None:
     """The output of ``git <args>`` in REPO; None without git or without history (a GPU window's copy)."""
     try:
@@ -236,6 +256,8 @@ def stage_main(argv: list[str] | None, work) -> None:
     """Entry point of a stage CLI: compose the config from ``argv``, run ``work(cfg)`` and print the
     line it returns; a ``UserError`` becomes one ``error:`` line on stderr and exit status 1."""
     try:
+        if "DVC_STAGE" in os.environ:
+            check_dvc_lock()
         cfg = compose_config(sys.argv[1:] if argv is None else argv)
         print(work(cfg))
     except UserError as e:

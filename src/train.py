@@ -49,7 +49,7 @@ from src.config import ConfigError, added_keys, cell_name, check_added_keys, res
 from src.data.datamodule import DistortedMNIST  # noqa: E402
 from src.models.build import build_model  # noqa: E402
 from src.models.module import Classifier  # noqa: E402
-from src.runinfo import (REPO, UserError, atomic_dir, compose_config, native_bf16,  # noqa: E402
+from src.runinfo import (REPO, UserError, atomic_dir, check_dvc_lock, compose_config, native_bf16,  # noqa: E402
                          sha256_file, uncommitted, versions, write_atomic, write_json)
 
 CONF_DIR = REPO / "conf"
@@ -514,6 +514,8 @@ def follow_dvc() -> None:
 def main() -> None:
     follow_dvc()
     try:
+        if "DVC_STAGE" in os.environ:
+            check_dvc_lock()
         check_committed()
         check_overrides(sys.argv[1:])
     except UserError as e:
