@@ -14,6 +14,7 @@ import argparse
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from src.config import cell_name  # noqa: E402
 from src.data.stats import nist_halves  # noqa: E402
 from src.records import (INVARIANCE, MIN_BIN_IMAGES, N_BINS, binned_error, correct, load_record,  # noqa: E402
                          segment_commits, test_split, theta_summary, transformer)
-from src.runinfo import REPO, UserError, compose_config, write_atomic, write_json  # noqa: E402
+from src.runinfo import REPO, UserError, check_dvc_lock, compose_config, write_atomic, write_json  # noqa: E402
 
 ROW_LABELS = {
     "fcn": "FCN", "cnn": "CNN",
@@ -793,6 +794,8 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=REPO, help="repository root (default: this checkout)")
     args = parser.parse_args()
     try:
+        if "DVC_STAGE" in os.environ:
+            check_dvc_lock(args.root)
         df = aggregate(args.root)
     except (UserError, OSError, KeyError, yaml.YAMLError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Lightning callbacks of a cell run: its learning curve, its progress lines, the time and commit of
-every segment of a resumed run, the guard against a diverging run and the stop on a signal.
+every segment of a resumed run, the guard against a diverging run, the code stamp of every checkpoint
+and the stop on a signal.
 
 Every callback with state keeps it in the checkpoint (plain Python values), so a resumed run
 continues its curve, its segment list and its guard exactly where the interrupted one stopped.
@@ -8,7 +9,6 @@ continues its curve, its segment list and its guard exactly where the interrupte
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -140,6 +140,20 @@ class Segments(pl.Callback):
         self.done = list(state_dict["segments"])
 
 
+class CodeStamp(pl.Callback):
+    """Every checkpoint carries the training code that wrote it (``src.train.code_hashes``), so a resume can
+    tell whether it continues under the same code (``src.train.check_same_code``)."""
+
+    def __init__(self, code: dict[str, str]):
+        self.code = dict(code)
+
+    def state_dict(self):
+        return {"code": self.code}
+
+    def load_state_dict(self, state_dict):
+        pass  # the checkpoints this process writes carry its own code, not the resumed one's
+
+
 class Stopped(UserError):
     """The run was stopped by a signal after writing a checkpoint; exit 128 + signal number."""
 
@@ -176,9 +190,7 @@ class SignalStop(pl.Callback):
         self.signum = signum
 
     def save(self, trainer) -> None:
-        tmp = self.ckpt_path.with_name(f".{self.ckpt_path.name}.tmp")
-        trainer.save_checkpoint(tmp)
-        os.replace(tmp, self.ckpt_path)
+        trainer.save_checkpoint(self.ckpt_path)  # atomically (src.train.AtomicCheckpointIO)
 
     def stopped(self, step: int) -> Stopped:
         name = signal.Signals(self.signum).name

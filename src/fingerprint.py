@@ -111,6 +111,16 @@ def pinned(only: list[str] | None = None, parent_env: dict[str, str] | None = No
     return json.loads(r.stdout)
 
 
+def holds(cell: str) -> bool:
+    """Whether this tree computes the committed hash of ``cell`` (``0-fcn-r``: a model on a distortion),
+    pinned as the full check: a code change that keeps it keeps that cell's results."""
+    committed = json.loads(FILE.read_text()).get(cell) if FILE.is_file() else None
+    try:
+        return committed is not None and pinned([cell]).get(cell) == committed
+    except (RuntimeError, subprocess.SubprocessError):  # the changed code does not even run
+        return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="result fingerprint of the training code")
     parser.add_argument("--write", action="store_true", help=f"write the hashes to {FILE.name}")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.config import precision_of
-from src.runinfo import REPO, UserError
+from src.runinfo import REPO, UserError, check_dvc_lock
 
 REACH_HOURS = 24.0  # a cell projected beyond this on a CPU: the GPU window or the cluster
 BEYOND = "beyond a CPU's reach: GPU window or cluster"
@@ -208,6 +208,7 @@ def repro_stages(root: Path = REPO) -> tuple[list[dict], set[str]]:
     from dvc.repo import Repo
     from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
 
+    check_dvc_lock(root)
     try:
         with Repo(str(root)) as repo:
             order = plan_repro(get_active_graph(repo.index.graph), collect_stages(repo, ["dvc.yaml"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copyreg
+import errno
 import hashlib
 import importlib
 import json
@@ -36,6 +37,42 @@ class UserError(Exception):
     exit_code = 1
 
 
+class DiskFull(UserError):
+    """No space (or quota) left while writing ``path``: one line naming it and the free space there, measured
+    when the line is printed, after the partial files are gone."""
+
+    def __init__(self, path: Path, size: int | None, reason: str):
+        super().__init__(reason)
+        self.path, self.size, self.reason = Path(path), size, reason
+
+    def __str__(self) -> str:
+        where = next(p for p in (self.path, *self.path.parents) if p.exists())
+        need = f"{_human(self.size)} to write, " if self.size is not None else ""
+        return (f"{self.reason} writing {self.path} ({need}{_human(shutil.disk_usage(where).free)} free there); "
+                f"free some space and rerun the same command")
+
+
+def _human(n: float) -> str:
+    """1234567 → '1.2 MB'."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+@contextlib.contextmanager
+def space_for(path: Path, size: int | None = None):
+    """A full disk or quota (ENOSPC, EDQUOT) while writing ``path`` becomes ``DiskFull``; every other error
+    passes. Only complete files ever reach a final path (``write_atomic``), so a rerun after freeing space
+    resumes from the last complete checkpoint."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFull(path, size, e.strerror or os.strerror(e.errno)) from None
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -60,18 +97,22 @@ def load_checked(path: Path, hint: str, expected_sha256: str | None = None) -> d
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write via a temp file + rename, so a crash never leaves a half-written file that looks valid."""
+    """Write via a temp file in the same directory, fsync, rename: a crash or a full disk never leaves a
+    half-written file at ``path`` (the previous one stays), and a full disk is one line (``space_for``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with space_for(path, len(data.encode() if isinstance(data, str) else data)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # some file systems report a full disk only here
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 @contextlib.contextmanager
@@ -80,16 +121,22 @@ def atomic_dir(out_dir: Path):
 
     On any failure (or an interrupt) the temporary directory is removed and ``out_dir`` is untouched.
     """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    with space_for(out_dir):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp creates 0700
     old = None
     try:
         yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-            os.replace(out_dir, old / out_dir.name)
-        os.replace(tmp, out_dir)
+        with space_for(out_dir):
+            if out_dir.exists():
+                old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+                os.replace(out_dir, old / out_dir.name)
+            os.replace(tmp, out_dir)
+    except DiskFull as e:
+        if tmp in e.path.parents:  # name the file as it would have been, not its temporary place
+            e.path = out_dir / e.path.relative_to(tmp)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
@@ -98,6 +145,26 @@ def atomic_dir(out_dir: Path):
 
 def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def check_dvc_lock(root: Path = REPO) -> None:
+    """dvc.lock as a dvc command killed while writing it leaves it (``kill -9`` during ``dvc commit -f``): empty
+    (every dvc command then fails), cut off mid-line or unparseable (read, it would lose locked stages). One
+    line saying how to restore it; dvc writes it whole, ending in a newline."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return
+    text = lock.read_bytes()
+    try:
+        stages = yaml.safe_load(text).get("stages") if text.endswith(b"\n") else None
+    except (yaml.YAMLError, AttributeError):
+        stages = None
+    if not isinstance(stages, dict):
+        what = "empty" if not text.strip() else f"truncated or corrupt ({len(text)} bytes)"
+        raise UserError(f"{lock} is {what}, as a dvc command killed while writing it leaves it; restore it with "
+                        f"`git checkout dvc.lock` (then `dvc commit -f` any stage locked since that commit)")
 
 
 def _git(*args: str) -> bytes | None:
@@ -189,6 +256,8 @@ def stage_main(argv: list[str] | None, work) -> None:
     """Entry point of a stage CLI: compose the config from ``argv``, run ``work(cfg)`` and print the
     line it returns; a ``UserError`` becomes one ``error:`` line on stderr and exit status 1."""
     try:
+        if "DVC_STAGE" in os.environ:
+            check_dvc_lock()
         cfg = compose_config(sys.argv[1:] if argv is None else argv)
         print(work(cfg))
     except UserError as e:

@@ -1,10 +1,11 @@
 """Train and test one cell of Table 1: ``python -m src.train model=st_fcn data=r [trainer=quick] [seed=1]``.
 
 ``train(cfg)`` is pure (tests call it); ``main`` is the thin Hydra app around it. Expected failures
-(a bad value, missing or mismatched data, a diverging run, a second run of the same cell) are one
-line on stderr and a non-zero exit; SIGTERM / Ctrl-C write a checkpoint and exit 143 / 130; so
-does the end of the ``dvc`` process running a pipeline cell (``follow_dvc``).
-Rerunning the same command resumes from the last checkpoint.
+(a bad value, missing or mismatched data, an unwritable output, a full disk, a diverging run, a second
+run of the same cell) are one line on stderr and a non-zero exit; SIGTERM / Ctrl-C write a checkpoint and
+exit 143 / 130; so does the end of the ``dvc`` process running a pipeline cell (``follow_dvc``).
+Rerunning the same command resumes from the last checkpoint, under the code that wrote it or a change of
+it that keeps the result fingerprint (``check_same_code``).
 
 A run directory holds one cell under any number of configs: ``<run_dir>/<fingerprint>/`` keeps the
 checkpoints of one (config, training code) pair, so nothing of another config is ever deleted.
@@ -42,13 +43,15 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E402
 
-from src.callbacks import CurveRecorder, DivergenceGuard, ProgressLog, Segments, SignalStop, curve_csv  # noqa: E402
-from src.config import added_keys, check_added_keys, result_config, run_cell, validate  # noqa: E402
+from src.callbacks import (CodeStamp, CurveRecorder, DivergenceGuard, ProgressLog, Segments, SignalStop,  # noqa: E402
+                           curve_csv)
+from src.config import (ConfigError, added_keys, cell_name, check_added_keys, result_config, run_cell,  # noqa: E402
+                        validate)
 from src.data.datamodule import DistortedMNIST  # noqa: E402
 from src.models.build import build_model  # noqa: E402
 from src.models.module import Classifier  # noqa: E402
-from src.runinfo import (REPO, UserError, atomic_dir, compose_config, native_bf16, uncommitted, versions,  # noqa: E402
-                         write_atomic, write_json)
+from src.runinfo import (REPO, UserError, atomic_dir, check_dvc_lock, compose_config, native_bf16,  # noqa: E402
+                         sha256_file, uncommitted, versions, write_atomic, write_json)
 
 CONF_DIR = REPO / "conf"
 FINGERPRINT = REPO / "src" / "fingerprint.json"
@@ -70,7 +73,8 @@ def quiet_lightning(quiet: bool) -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*(does not have many workers|ended before the epoch ended"
                                               "|is smaller than the logging interval|Checkpoint directory"
-                                              "|Experiment logs directory|`training_step` returns `None`).*")
+                                              "|Experiment logs directory|`training_step` returns `None`"
+                                              "|configured with multiple `ModelCheckpoint`).*")  # best.ckpt's is the first
     # the module's step pulls exactly one batch (no accumulation), the case these warnings call safe;
     # tests/test_train.py checks that the loop computes exactly the written-out step
     warnings.filterwarnings("ignore", message=".*(`dataloader_iter` step flavor|`dataloader_iter` argument in the "
@@ -82,6 +86,28 @@ def run_fingerprint(cfg: DictConfig) -> str:
     checkpoints resume only under the same pair, so a change that provably keeps results (the same
     fingerprint) keeps every interrupted run resumable."""
     return hashlib.sha256((json.dumps(result_config(cfg), sort_keys=True) + FINGERPRINT.read_text()).encode()).hexdigest()
+
+
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.run_dir) / run_fingerprint(cfg)[:12] / "checkpoints"
+
+
+def check_writable(cfg: DictConfig) -> None:
+    """Every place a run writes is writable before anything is written, so that an unwritable one is one line
+    (exit 2) at the start, not Hydra's traceback or a PermissionError after the whole run. The run directory
+    (Hydra's log, the lock) and the checkpoints are written into: itself or, missing, its nearest existing
+    ancestor; the metrics and curve files and the cell directory are replaced by a rename of a sibling:
+    their directory, and themselves where they exist."""
+    places = [("paths.run_dir", Path(cfg.paths.run_dir), False), ("paths.run_dir", checkpoint_dir(cfg), False),
+              ("paths.metrics_file", Path(cfg.paths.metrics_file), True),
+              ("paths.curve_file", Path(cfg.paths.curve_file), True), ("paths.cell_dir", Path(cfg.paths.cell_dir), True)]
+    for key, path, replaced in places:
+        where = path.parent if replaced else path
+        base = next(p for p in (where, *where.parents) if p.exists())
+        for p in ([path] if replaced and path.exists() else []) + [base]:
+            if not os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0)):
+                to = "" if p == path else f" (to write {path})"
+                raise ConfigError(f"{key}: {p} is not writable{to}; make it writable or choose another {key}")
 
 
 @contextlib.contextmanager
@@ -130,6 +156,52 @@ def resume_point(ckpt_dir: Path) -> Path | None:
     return best
 
 
+class CodeChanged(UserError):
+    exit_code = 2
+
+
+def code_hashes() -> dict[str, str]:
+    """The training code, file by file (path → start of its sha256): the train stage's deps in dvc.yaml but
+    the data, the one list of the code that defines a cell's results. Every checkpoint carries it (CodeStamp)."""
+    out = {}
+    for dep in stage_deps("train"):
+        if dep.startswith("data/"):
+            continue
+        path = REPO / dep
+        files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+        out.update({f.relative_to(REPO).as_posix(): sha256_file(f)[:16] for f in files})
+    return out
+
+
+def check_same_code(ckpt: Path, cfg: DictConfig, label: str, code: dict[str, str]) -> None:
+    """A run resumes only under the training code that wrote its checkpoint, or a result-neutral change of it.
+
+    Where a file differs from the hashes the checkpoint carries, the result fingerprint of the cell's model
+    and distortion decides (src.fingerprint, pinned, as the full check): unchanged, the change keeps results
+    and the run resumes, saying so in one line (the checkpoints it writes carry the new hashes); moved, one line
+    naming the changed files, exit 2. A checkpoint of older code, without the hashes, resumes unchecked."""
+    from src.fingerprint import holds
+
+    stamp = torch.load(ckpt, map_location="cpu", weights_only=True).get("callbacks", {}).get(CodeStamp.__qualname__)
+    if stamp is None:
+        log.info(f"{label}: {ckpt} does not record the training code that wrote it (older code); "
+                 f"resuming without checking it")
+        return
+    changed = sorted(f for f in stamp["code"].keys() | code.keys() if stamp["code"].get(f) != code.get(f))
+    if not changed:
+        return
+    files = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    # the fingerprint's cells are the main recipes: a sensitivity variant is checked on its family's
+    model, data = str(cfg.model.name), str(OmegaConf.select(cfg, "sensitivity.family") or cfg.data.name).lower()
+    if holds(cell_name(model, data, 0)):
+        log.info(f"{label}: the training code changed since {ckpt.name} was written ({files}); the result "
+                 f"fingerprint of {model} on {data} holds, so the change keeps results: resuming")
+        return
+    raise CodeChanged(f"{label}: the training code changed since {ckpt} was written ({files}) and the result "
+                      f"fingerprint of {model} on {data} does not hold; resuming would mix two codes in one record: "
+                      f"restore the code, or pass resume=false to train this cell from step 0")
+
+
 def emulated_bf16(cfg: DictConfig) -> str | None:
     """One line when a bf16-mixed cell runs on a CPU without native bfloat16: the same precision (the
     config decides it, never the machine), only slower."""
@@ -138,6 +210,17 @@ def emulated_bf16(cfg: DictConfig) -> str | None:
         return ("note: model.precision=bf16-mixed on a CPU without native bfloat16 (no AMX or AVX512-BF16): "
                 "the same precision, emulated, and slower than 32-true would be here")
     return None
+
+
+class AtomicCheckpointIO(pl.plugins.TorchCheckpointIO):
+    """Every checkpoint (best.ckpt, last.ckpt, the one a signal writes) is written as ``write_atomic`` writes:
+    a temp file beside it, fsync, rename. A full disk or a kill mid-write leaves the previous checkpoint for a
+    resume to read, and a full disk is one line naming the path and the free space (``DiskFull``)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        write_atomic(Path(path), buf.getvalue())
 
 
 def make_trainer(cfg: DictConfig, ckpt_dir: Path, callbacks: list, label: str) -> pl.Trainer:
@@ -158,7 +241,7 @@ def make_trainer(cfg: DictConfig, ckpt_dir: Path, callbacks: list, label: str) -
         limit_val_batches=t.limit_val_batches, deterministic=t.deterministic, precision=cfg.model.precision,
         logger=False, callbacks=[best, last, *callbacks, ProgressLog(label, t.max_steps), *bar],
         enable_progress_bar=bool(bar), enable_model_summary=False, num_sanity_val_steps=0,
-        default_root_dir=ckpt_dir.parent,
+        default_root_dir=ckpt_dir.parent, plugins=[AtomicCheckpointIO()],
     )
 
 
@@ -195,6 +278,7 @@ def write_record(cfg: DictConfig, files: dict[str, str | bytes], metrics: dict, 
 def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     """Fit, test the last and the best-validation checkpoints, write the record; returns the metrics."""
     validate(cfg)
+    check_writable(cfg)
     label = run_cell(cfg)
     quiet_lightning(cfg.quiet)
     from src.plan import start_line  # logging only (cell, steps, device, precision, projected time): no result depends on it
@@ -209,18 +293,18 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     dm.setup("fit")  # missing, tampered, malformed or mismatched data (any split) fail here, before anything is written
 
     run_dir = Path(cfg.paths.run_dir)
-    fingerprint = run_fingerprint(cfg)
-    ckpt_dir = run_dir / fingerprint[:12] / "checkpoints"
+    fingerprint, ckpt_dir, code = run_fingerprint(cfg), checkpoint_dir(cfg), code_hashes()
     with cell_lock(run_dir, label):
         resume_from = resume_point(ckpt_dir) if cfg.resume else None
         if resume_from is not None:
+            check_same_code(resume_from, cfg, label, code)
             log.info(f"resuming {label} from step {_readable_step(resume_from)} ({resume_from})")
         write_atomic(ckpt_dir.parent / "fingerprint.txt", fingerprint + "\n")
         curve, segments = CurveRecorder(), Segments()
         milestones = module.milestones()
         guard = DivergenceGuard(curve, milestones[0] if milestones else 0, **cfg.guard)
         stop = SignalStop(ckpt_dir / "last.ckpt")
-        trainer = make_trainer(cfg, ckpt_dir, [curve, guard, segments, stop, *extra_callbacks], label)
+        trainer = make_trainer(cfg, ckpt_dir, [curve, guard, segments, stop, CodeStamp(code), *extra_callbacks], label)
         stop.install()
         try:
             try:
@@ -335,6 +419,7 @@ def check_overrides(argv: list[str]) -> None:
         return
     cfg = compose_config(argv)
     validate(cfg)
+    check_writable(cfg)  # before Hydra writes its log into the run directory
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -361,14 +446,19 @@ def final_line(cfg: DictConfig, m: dict, profile: str | None) -> str:
             f"{m['test']['err_best']:.2f}), {m['params']['n']} parameters, {m['steps']} steps -> {cfg.paths.metrics_file}")
 
 
+def stage_deps(stage: str) -> list[str]:
+    """A stage's deps in dvc.yaml (``train`` for ``train@0-fcn-r``); all of src/ where dvc.yaml names none."""
+    import yaml
+
+    dvc_yaml = REPO / "dvc.yaml"
+    stages = yaml.safe_load(dvc_yaml.read_text())["stages"] if dvc_yaml.is_file() else {}
+    return stages.get(stage.split(":")[-1].split("@")[0], {}).get("deps", ["src"])
+
+
 def cell_sources(stage: str) -> list[str]:
     """What a pipeline cell's record depends on in git: its stage's deps in dvc.yaml but the data (DVC's),
     conf/ (composed as a whole), and the files its command comes from."""
-    import yaml
-
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    deps = stages.get(stage.split(":")[-1].split("@")[0], {}).get("deps", ["src"])
-    return sorted({d for d in deps if not d.startswith("data/")} | {"conf", "params.yaml", "dvc.yaml"})
+    return sorted({d for d in stage_deps(stage) if not d.startswith("data/")} | {"conf", "params.yaml", "dvc.yaml"})
 
 
 def check_committed() -> None:
@@ -426,6 +516,8 @@ def follow_dvc() -> None:
 def main() -> None:
     follow_dvc()
     try:
+        if "DVC_STAGE" in os.environ:
+            check_dvc_lock()
         check_committed()
         check_overrides(sys.argv[1:])
     except UserError as e:

@@ -50,3 +50,38 @@ def test_committed_cells_hash_only_what_git_carries():
                 problems.append(f"{name}: {dep['path']} differs from the committed file")
     assert committed, "no committed stage found in dvc.lock"
     assert not problems, "\n".join(problems)
+
+
+def test_a_truncated_dvc_lock_is_one_line_saying_how_to_restore_it(tmp_path):
+    """kill -9 during `dvc commit -f` leaves dvc.lock empty or cut off; the plan, a pipeline cell and a stage say so."""
+    import os
+    import shutil
+    import sys
+
+    from src.runinfo import UserError, check_dvc_lock
+
+    lock = tmp_path / "dvc.lock"
+    check_dvc_lock(tmp_path)  # none yet: a fresh pipeline
+    whole = (REPO / "dvc.lock").read_bytes() if (REPO / "dvc.lock").exists() else b"schema: '2.0'\nstages: {}\n"
+    lock.write_bytes(whole)
+    check_dvc_lock(tmp_path)
+    restore = "as a dvc command killed while writing it leaves it; restore it with `git checkout dvc.lock`"
+    for cut, what in [(b"", "is empty"), (whole[:len(whole) // 2].rstrip(b"\n") + b"x", "is truncated or corrupt"),
+                      (b"schema: '2.0'\n", "is truncated or corrupt"), (b"stages: [\n", "is truncated or corrupt")]:
+        lock.write_bytes(cut)
+        with pytest.raises(UserError, match=f"^{lock} {what}.*{restore}") as e:
+            check_dvc_lock(tmp_path)
+        assert "\n" not in str(e.value)
+
+    for d in ("src", "conf"):
+        shutil.copytree(REPO / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    lock.write_bytes(b"")
+    env = {k: v for k, v in os.environ.items() if k != "DVC_STAGE"}
+    for args, extra in [(["src.plan"], {}), (["src.train", "trainer=smoke"], {"DVC_STAGE": "train@0-fcn-r"}),
+                        (["src.data.distort", "data=r"], {"DVC_STAGE": "distort@r"})]:
+        r = subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, env={**env, **extra}, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode != 0
+        assert r.stderr.strip().splitlines() == [f"error: {lock} is empty, {restore} (then `dvc commit -f` any stage "
+                                                 f"locked since that commit)"], (args, r.stderr)

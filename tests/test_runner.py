@@ -1,12 +1,15 @@
 """A cell run cannot lose work or mislead: bad values, a second run, a corrupt checkpoint, a diverging
-run, Hydra's own flags and a pipeline cell from uncommitted sources, each as a user meets them on the command line."""
+run, Hydra's own flags, a pipeline cell from uncommitted sources, a full disk, unwritable outputs and a resume
+under changed code, each as a user meets them on the command line."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -253,3 +256,225 @@ def test_a_clean_tree_records_its_commit_and_starts_a_pipeline_cell(tmp_path, cl
         train.check_committed()
     monkeypatch.setattr(runinfo, "REPO", tmp_path)  # no git history to compare with (a GPU window's copy)
     train.check_committed()
+
+
+# ------------------------------------------------------------------ a full disk, unwritable outputs
+
+def test_a_full_disk_mid_write_leaves_the_previous_file_and_is_one_line(tmp_path, monkeypatch):
+    """ENOSPC after part of a file is written (a record file, a checkpoint): the previous file stays whole at its
+    path, no temporary file is left, and the error is one line naming the path and the free space."""
+    import errno
+
+    import torch
+
+    from src import runinfo
+    from src.train import AtomicCheckpointIO
+
+    real_fdopen = os.fdopen
+
+    class Filling:  # writes half of what it is given, then the disk is full
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:len(data) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    metrics, ckpt = tmp_path / "record" / "metrics.json", tmp_path / "checkpoints" / "last.ckpt"
+    runinfo.write_json(metrics, {"previous": 1})
+    AtomicCheckpointIO().save_checkpoint({"global_step": 10}, ckpt)
+    before = {p: p.read_bytes() for p in (metrics, ckpt)}
+    monkeypatch.setattr(runinfo.os, "fdopen", lambda *a, **k: Filling(real_fdopen(*a, **k)))
+    for write, path in [(lambda: runinfo.write_json(metrics, {"new": 2}), metrics),
+                        (lambda: AtomicCheckpointIO().save_checkpoint({"global_step": 20, "w": torch.ones(1000)}, ckpt),
+                         ckpt)]:
+        with pytest.raises(runinfo.DiskFull) as e:
+            write()
+        line = str(e.value)
+        assert "\n" not in line and e.value.exit_code != 0
+        assert line.startswith(f"No space left on device writing {path} (") and " free there); free some space" in line
+        assert path.read_bytes() == before[path]
+        assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file beside it
+    monkeypatch.undo()
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 10  # what a resume reads
+
+
+def _can_mount_tmpfs() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs a user namespace to mount a small tmpfs")
+def test_a_full_disk_at_a_checkpoint_or_the_record_is_one_line_and_the_run_resumes_once_space_is_freed(smoke, tmp_path):
+    """Real full disks: small tmpfs mounts (in a user namespace) under the run directory, then under the record's
+    directory; each run stops with one line, and after the mount grows the same command resumes and finishes."""
+    import shlex
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "rec").mkdir()
+    args = [a.replace(f"{tmp_path}/cell", f"{tmp_path}/rec/cell") for a in smoke]
+    cmd = shlex.join([sys.executable, "-m", "src.train", *args])
+    out = lambda n: f"> {tmp_path}/out{n} 2> {tmp_path}/err{n}; echo $? > {tmp_path}/rc{n}"  # noqa: E731
+    script = "\n".join([
+        f"mount -t tmpfs -o size=2500k tmpfs {tmp_path}/run",  # two checkpoints (~1 MB each) fit, not a third
+        f"{cmd} {out(1)}",
+        f"ls -a {tmp_path}/run/*/checkpoints > {tmp_path}/listing",
+        f"mount -o remount,size=20m {tmp_path}/run",
+        f"mount -t tmpfs -o size=4k tmpfs {tmp_path}/rec",  # the record's cell directory does not fit
+        f"{cmd} {out(2)}",
+        f"mount -o remount,size=1m {tmp_path}/rec",
+        f"{cmd} {out(3)}",
+        f"cp -r {tmp_path}/rec/cell {tmp_path}/cell",
+    ])
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, timeout=600, check=True)
+    text = lambda name: (tmp_path / name).read_text()  # noqa: E731
+    assert text("rc1").strip() == "1", text("err1")
+    line = one_error_line(SimpleNamespace(stderr=text("err1")))
+    assert re.fullmatch(rf"error: No space left on device writing {tmp_path}/run/\w+/checkpoints/(best|last)\.ckpt "
+                        r"\(\d+\.\d kB to write, \d+\.\d kB free there\); free some space and rerun the same command",
+                        line), line
+    assert text("listing").split() == [".", "..", "best.ckpt", "last.ckpt"]  # no partial file
+    assert text("rc2").strip() == "1", text("err2")
+    assert re.match(rf"error: No space left on device writing {tmp_path}/rec/cell/\S+ \(",
+                    one_error_line(SimpleNamespace(stderr=text("err2"))))
+    assert "resuming 0-fcn-r from step 10 " in text("out2")
+    assert text("rc3").strip() == "0", text("err3")
+    assert "resuming 0-fcn-r from step 20 " in text("out3")
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 20
+    assert sorted(p.name for p in (tmp_path / "cell").iterdir()) == ["outcomes.pt", "provenance.json"]
+
+
+@contextlib.contextmanager
+def unwritable(path: Path):
+    """``path`` unwritable for this process: read-only for a user, immutable (chattr +i) for root."""
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        try:
+            yield
+        finally:
+            path.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        pytest.skip("root, and no chattr +i here: nothing is unwritable")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.parametrize("place, key", [("run", "paths.run_dir"), ("checkpoints", "paths.run_dir"),
+                                        ("m", "paths.metrics_file"), ("c", "paths.curve_file"),
+                                        ("cells", "paths.cell_dir")])
+def test_an_unwritable_output_is_one_line_exit_2_before_anything_is_written(smoke, tmp_path, place, key):
+    from src.runinfo import compose_config
+    from src.train import checkpoint_dir
+
+    args = [a for a in smoke if not a.startswith(("paths.metrics_file", "paths.curve_file", "paths.cell_dir"))]
+    args += [f"paths.metrics_file={tmp_path}/m/metrics.json", f"paths.curve_file={tmp_path}/c/curve.csv",
+             f"paths.cell_dir={tmp_path}/cells/cell"]
+    ckpts = checkpoint_dir(compose_config(args))
+    for d in ("m", "c", "cells"):
+        (tmp_path / d).mkdir()
+    ckpts.mkdir(parents=True)  # a run of the same config that stopped before its first checkpoint
+    target = ckpts if place == "checkpoints" else tmp_path / place
+    before = sorted(tmp_path.rglob("*"))
+    with unwritable(target):
+        r = run_cli(*args, timeout=120)
+    assert r.returncode == 2, r.stderr
+    written = {"m": "metrics.json", "c": "curve.csv", "cells": "cell"}.get(place)
+    to = f" (to write {target / written})" if written else ""
+    assert one_error_line(r) == f"error: {key}: {target} is not writable{to}; make it writable or choose another {key}"
+    assert sorted(tmp_path.rglob("*")) == before  # not even Hydra's log
+
+
+# ------------------------------------------------------------------ resume only into the same code
+
+LOSS = "return F.cross_entropy(self.net(x), y)"
+
+
+def test_a_run_resumes_only_under_the_code_that_wrote_its_checkpoint(smoke, tmp_path, clone):
+    """Stop a run, change its loss: the rerun refuses in one line naming the file (exit 2). A comment-only edit
+    keeps the result fingerprint: the rerun resumes, says why, and its checkpoints carry the new code."""
+    import signal
+    import time
+
+    import torch
+
+    env = {k: v for k, v in os.environ.items() if k != "DVC_STAGE"}
+    args = [*smoke, "trainer.max_steps=1000000", "trainer.val_check_interval=10"]
+    log = tmp_path / "run" / "train.log"
+
+    def run_until(text: str) -> None:
+        """the cell's log shows ``text`` after the start of this run; then SIGTERM (checkpoint, exit 143)"""
+        start = log.read_text().count("steps on ") if log.exists() else 0
+        p = subprocess.Popen([sys.executable, "-m", "src.train", *args], cwd=clone, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            end = time.time() + 180
+            while time.time() < end and p.poll() is None:
+                runs = log.read_text().split("steps on ") if log.exists() else []
+                this = runs[-1] if len(runs) > start + 1 else ""
+                if text in this and "] step " in this[this.index(text) + len(text):]:
+                    break
+                time.sleep(0.2)
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(timeout=60) == 143, p.stderr.read()
+        finally:
+            p.kill()
+
+    run_until("")
+    module = clone / "src" / "models" / "module.py"
+    source = module.read_text()
+    assert LOSS in source
+    module.write_text(source.replace(LOSS, LOSS[:-1] + ", label_smoothing=0.1)"))
+    r = run_cli(*args, cwd=clone, env=env)
+    assert r.returncode == 2, r.stderr
+    line = one_error_line(r)
+    assert re.fullmatch(r"error: 0-fcn-r: the training code changed since \S+/checkpoints/last\.ckpt was written "
+                        r"\(src/models/module\.py\) and the result fingerprint of fcn on r does not hold; .*"
+                        r"pass resume=false to train this cell from step 0", line), line
+
+    module.write_text(source + "# a comment: no result changes\n")
+    run_until("the change keeps results: resuming")
+    assert ("0-fcn-r: the training code changed since last.ckpt was written (src/models/module.py); the result "
+            "fingerprint of fcn on r holds, so the change keeps results: resuming") in log.read_text()
+    last = next((tmp_path / "run").glob("*/checkpoints/last.ckpt"))
+    stamp = torch.load(last, weights_only=True)["callbacks"]["CodeStamp"]["code"]
+    assert stamp["src/models/module.py"] == hashlib.sha256(module.read_bytes()).hexdigest()[:16]
+
+
+def test_a_checkpoint_without_a_code_stamp_resumes_unchecked(tmp_path, caplog, monkeypatch):
+    """Checkpoints written before they carried their code (runs in progress today) still resume, saying so;
+    the same code needs no fingerprint."""
+    import logging
+
+    import torch
+
+    from src import fingerprint
+    from src.runinfo import compose_config
+    from src.train import check_same_code, code_hashes
+
+    monkeypatch.setattr(fingerprint, "holds", lambda cell: pytest.fail("no fingerprint needed"))
+    cfg, code = compose_config(["model=fcn"]), code_hashes()
+    assert "src/models/module.py" in code and "src/train.py" in code and not any(f.startswith("data/") for f in code)
+    old, same = tmp_path / "old.ckpt", tmp_path / "same.ckpt"
+    torch.save({"global_step": 5, "callbacks": {}}, old)
+    torch.save({"global_step": 5, "callbacks": {"CodeStamp": {"code": code}}}, same)
+    with caplog.at_level(logging.INFO, logger="src.train"):
+        check_same_code(old, cfg, "0-fcn-r", code)
+        check_same_code(same, cfg, "0-fcn-r", code)
+    assert caplog.messages == [f"0-fcn-r: {old} does not record the training code that wrote it (older code); "
+                               f"resuming without checking it"]
