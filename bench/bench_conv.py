@@ -12,8 +12,8 @@ precision on the same thread:
 - FLOPs per step from torch's FlopCounterMode (on the ``before`` network, forward + backward) and
   the fraction of the GEMM peak of the same precision that each step reaches.
 
-The projection is step time × 150k steps, leaving out data, evaluation and the loop (README "How
-long it takes" has whole cells). Writes reports/bench/conv.md (or ``--out``).
+The projection is step time × 150k steps, leaving out data, evaluation and the loop (docs/operations.md
+"How long it takes" has whole cells). Writes reports/bench/conv.md (or ``--out``).
 """
 
 from __future__ import annotations

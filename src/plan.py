@@ -14,7 +14,7 @@ and the cell's precision, else the nearest: another CPU, another precision scale
 bf16/fp32 ratio); else from a benchmark table (reports/bench/conv.md for the CNN family, section 4 of
 reports/benchmarks.md), calibrated by the records that both have; else it is unknown. Each number
 says where it came from. A cell projected beyond ``REACH_HOURS`` on a CPU is marked: train it on a
-GPU (README "GPU window") or on a cluster (README "A cluster").
+GPU (docs/operations.md "GPU window") or on a cluster (docs/operations.md "A cluster").
 """
 
 from __future__ import annotations
@@ -356,13 +356,14 @@ def report(cells: list[Cell], others: list[str], limit_hours: float | None) -> t
     beyond = [c for c in cells if c.beyond]
     if beyond:
         lines.append(f"{_n(len(beyond), 'cell')} take more than {REACH_HOURS:g} h each here, beyond a CPU's reach: "
-                     f"train them in a GPU window (README \"GPU window\", python -m src.window) or on a cluster "
-                     f"(README \"A cluster\", Hydra's submitit launcher).")
+                     f"train them in a GPU window (docs/operations.md \"GPU window\", python -m src.window) "
+                     f"or on a cluster (docs/operations.md \"A cluster\", Hydra's submitit launcher).")
     code = [c for c in cells if c.code_only]
     if code:
         lines.append(f"{len(code)} of these cells {'is' if len(code) == 1 else 'are'} stale only through training code "
                      f"under src/ with src/fingerprint.json unchanged: if `python -m src.fingerprint` still matches, "
-                     f"`dvc commit -f` of their stages re-locks them without training (README \"Changing the code\").")
+                     f"`dvc commit -f` of their stages re-locks them without training "
+                     f"(docs/pipeline.md \"Changing the code\").")
     if limit_hours is None:
         lines.append("python -m src.plan --hours N: the cells this machine finishes in N hours, and the command.")
         return lines, [["dvc", "repro"]]

@@ -1,4 +1,4 @@
-"""Adding a transform and a model family goes through exactly the path the README describes.
+"""Adding a transform and a model family goes through exactly the path docs/extending.md describes.
 
 A toy 'translation' transform (2 parameters) and a toy 'mlp_tanh' family are registered at runtime,
 built into a budget-matched ST network by ``build_net``, and checked like the study's own: identity
@@ -64,7 +64,7 @@ def mlp_tanh_params(in_hw, widths, ceil_mode=True) -> int:
 
 @pytest.fixture
 def registered(monkeypatch):
-    """The toy transform and family, registered as the README says, and removed again afterwards."""
+    """The toy transform and family, registered as docs/extending.md says, and removed again afterwards."""
     before = (dict(GRIDS), dict(FAMILIES))
     register_transform("translation")(TranslationGrid)
     monkeypatch.setitem(FAMILIES, "mlp_tanh", Family(mlp_tanh, mlp_tanh_params))
@@ -129,7 +129,7 @@ def test_unregistered_names_are_refused():
         register_transform("aff")(TranslationGrid)
 
 
-def test_a_toy_distortion_through_the_readme_path():
+def test_a_toy_distortion_through_the_documented_path():
     """A 'shift' warp registered in WARPS and chosen by a data config's `warp` key: the stage's generator
     and the datamodule's fresh draws both use it, with parameters from the CPU generator."""
     import torch.nn.functional as F
