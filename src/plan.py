@@ -355,7 +355,8 @@ def report(cells: list[Cell], others: list[str], limit_hours: float | None) -> t
         lines.append(f"and run {len(others)} other stages: {', '.join(others)}")
     beyond = [c for c in cells if c.beyond]
     if beyond:
-        lines.append(f"{_n(len(beyond), 'cell')} take more than {REACH_HOURS:g} h each here, beyond a CPU's reach: "
+        verb = "takes" if len(beyond) == 1 else "take"
+        lines.append(f"{_n(len(beyond), 'cell')} {verb} more than {REACH_HOURS:g} h each here, beyond a CPU's reach: "
                      f"train them in a GPU window (docs/operations.md \"GPU window\", python -m src.window) "
                      f"or on a cluster (docs/operations.md \"A cluster\", Hydra's submitit launcher).")
     code = [c for c in cells if c.code_only]

@@ -77,8 +77,10 @@ def test_the_plan_lists_the_stale_cells_in_dvc_repros_order_each_projected_with_
     c = {c.stage: c for c in cells}
     # this CPU's two records (the Xeon's faster one is left out), scaled by steps
     assert c["train@0-fcn-e"].seconds == pytest.approx(1000) and c["train@0-fcn-e"].source == "median of 2 records"
-    # no record: the benchmark's step time × its calibration on the cells both have (0.1 s / 0.4 s)
-    assert c["train@0-cnn-tc"].seconds == pytest.approx(8.0 * 0.25 * 150_000)
+    # no record: the benchmark's step time in the precision conf/model/cnn.yaml names (bf16-mixed, 4.0 s) × its
+    # calibration on the cells both have (0.1 s / 0.4 s in float32)
+    assert c["train@0-cnn-tc"].precision == "bf16-mixed"
+    assert c["train@0-cnn-tc"].seconds == pytest.approx(4.0 * 0.25 * 150_000)
     assert c["train@0-cnn-tc"].source.startswith("conv.md ×0.25") and c["train@0-cnn-tc"].beyond
     # a float32 record of a bf16-mixed cell: scaled by the benchmark's bf16 / fp32 ratio
     assert (c["short@0-cnn-r"].steps, c["short@0-cnn-r"].precision) == (40_000, "bf16-mixed")
@@ -89,9 +91,9 @@ def test_the_plan_lists_the_stale_cells_in_dvc_repros_order_each_projected_with_
     lines, cmds = report(cells, others, None)
     text = "\n".join(lines)
     assert cmds == [["dvc", "repro"]]
-    assert re.search(r"total: 84 h \(4 days\) for 4 cells, one after another; 1 more of unknown time", text), text
+    assert re.search(r"total: 42.8 h for 4 cells, one after another; 1 more of unknown time", text), text
     beyond = [ln for ln in lines if "train@0-cnn-tc" in ln][0]
-    assert "beyond a CPU's reach" in beyond and "83 h (3 days)" in beyond
+    assert "beyond a CPU's reach" in beyond and "41.7 h" in beyond
     assert "GPU window" in text and "A cluster" in text and "unknown" in text
     assert "1 of these cells is stale only through training code" in text
 
