@@ -9,7 +9,8 @@ characters of punctuation (``):``, ``:``, ``**``), then the figure with two deci
   ``± std`` optional), checked against the mean (and the sample std, ddof = 1) of the records of every
   seed of that model and distortion, the number of seeds included, to two decimals as results.md
   rounds them;
-- ``reports/short/metrics/…`` names a record of the reduced budget.
+- ``reports/short/metrics/…`` names a record of the reduced budget, ``reports/sensitivity/metrics/…`` (e.g.
+  ``0-fcn-p_sigma2``) one of the sensitivity study.
 
 A backticked reference followed closely by a percentage in any other form fails, so a figure cannot
 slip past the check by being written differently. Cells of the earlier table (commit 18c9714, no
@@ -28,8 +29,8 @@ from src.runinfo import REPO
 
 ANALYSIS = REPO / "reports" / "analysis.md"
 
-REF = (r"`(?:reports/(?P<short>short/)?metrics/)?(?P<seed>\d+|\*)-(?P<model>[a-z][a-z_]*)"
-       r"-(?P<data>rts|tc|r|p|e)(?P<ext>\.json)?`")
+REF = (r"`(?:reports/(?P<short>short/|sensitivity/)?metrics/)?(?P<seed>\d+|\*)-(?P<model>[a-z][a-z_]*)"
+       r"-(?P<data>(?:rts|tc|r|p|e)(?:_[a-z0-9_]+)?)(?P<ext>\.json)?`")
 QUOTE = re.compile(REF + r"(?P<mean>,\s+mean\s+of\s+(?P<n>\d+)\s+seeds)?"
                    r"[\s:)*]{0,8}(?P<err>\d+\.\d\d)(?:\s*±\s*(?P<sd>\d+\.\d\d))?\s*%")
 REF_RE = re.compile(REF)
@@ -45,9 +46,10 @@ class Quote:
     ok: bool
 
 
-def records(short: bool, model: str, data: str, seed: str) -> dict[int, float]:
-    """{seed: test.err} of the records of one model and distortion (one seed, or every seed for '*')."""
-    folder = REPO / "reports" / ("short" if short else "") / "metrics"
+def records(short: str | bool, model: str, data: str, seed: str) -> dict[int, float]:
+    """{seed: test.err} of the records of one model and distortion (one seed, or every seed for '*'); ``short``:
+    the folder under reports/ ('short/', 'sensitivity/'), or none."""
+    folder = REPO / "reports" / (short if isinstance(short, str) else "short/" if short else "") / "metrics"
     name = re.compile(rf"(\d+)-{re.escape(model)}-{re.escape(data)}\.json")
     out = {}
     for path in folder.glob(f"{seed}-{model}-{data}.json"):
@@ -64,7 +66,7 @@ def check(text: str) -> tuple[list[Quote], list[str]]:
     for m in QUOTE.finditer(text):
         matched.add(m.start())
         ref = REF_RE.match(text, m.start()).group(0)
-        short, seed, model, data = bool(m.group("short")), m.group("seed"), m.group("model"), m.group("data")
+        short, seed, model, data = m.group("short") or "", m.group("seed"), m.group("model"), m.group("data")
         errs = records(short, model, data, seed)
         quoted = m.group("err") + (f" ± {m.group('sd')}" if m.group("sd") else "")
         if seed == "*":
