@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import pandas as pd
 from omegaconf import OmegaConf
 
@@ -174,6 +175,10 @@ def plot(df: pd.DataFrame, paper: dict, labels: dict, colors: dict, wilson, path
             if ref is not None:
                 ax.axhline(ref, color=c, ls="--", lw=0.8)
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(sorted(set(g.x)))
         ax.set_title(f"{family.upper()}: 40k steps, seed 0", fontsize=10)
         ax.set_xlabel(X_LABELS[family])
         ax.set_ylabel("test error % (hollow: validation)")
