@@ -780,8 +780,8 @@ def aggregate(root: Path = REPO) -> pd.DataFrame:
     write_atomic(reports / "results.csv", pd.concat([df.assign(profile=grid["profile"]),
                                                      short_df.assign(profile="short")]).to_csv(index=False))
     sens = sensitivity.collect(params, reports / "sensitivity", data_dir)
-    sensitivity.plot(sens, refs["paper"], ROW_LABELS, COLORS, wilson, reports / "figures" / "sensitivity.png",
-                     save_figure)
+    sensitivity.plot(sens, refs["paper"], ROW_LABELS, COLORS, wilson, log_error_axis,
+                     reports / "figures" / "sensitivity.png", save_figure)
     write_atomic(reports / "results.md", render(full, short, param_counts(grid), refs, table_ckpt, root,
                                                 sensitivity_section(sens, df, refs["paper"])))
     write_metric_files(reports / "err", metric_files(df, short_df, grid["models"]))

@@ -10,12 +10,12 @@ its data config is the variant's and its test set is the one the variant's data 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import matplotlib.ticker
 import pandas as pd
 from omegaconf import OmegaConf
 
@@ -58,14 +58,13 @@ def variant(name: str) -> Variant:
 def grid(params: dict) -> list[tuple[Variant, str, int]]:
     """Every cell of the study: (variant, model, seed), in params.yaml's order."""
     s = params.get("sensitivity") or {}
-    return [(variant(v), model, seed) for family, models in MODEL_LISTS.items() for v in s.get(family, [])
+    variants = {v: variant(v) for family in MODEL_LISTS for v in s.get(family, [])}  # composed once each
+    return [(variants[v], model, seed) for family, models in MODEL_LISTS.items() for v in s.get(family, [])
             for model in s.get(models, []) for seed in s.get("seeds", [])]
 
 
 def check_record(rec, v: Variant, data_dir: Path) -> None:
     """Refuse a record made on other data than the variant's: its recorded data config and its test set."""
-    import json
-
     recorded = rec.provenance["config"].get("data")
     if recorded != v.data:
         diff = sorted(k for k in set(recorded or {}) | set(v.data) if (recorded or {}).get(k) != v.data.get(k))
@@ -142,7 +141,7 @@ def tables(df: pd.DataFrame, table: pd.DataFrame, paper: dict, labels: dict, se)
     return out
 
 
-def plot(df: pd.DataFrame, paper: dict, labels: dict, colors: dict, wilson, path: Path, save) -> None:
+def plot(df: pd.DataFrame, paper: dict, labels: dict, colors: dict, wilson, log_axis, path: Path, save) -> None:
     """Test error against the variant's x, a panel per family, a colour per model and a marker per line; the
     95 % Wilson interval of each test error, validation error beside it (hollow), the paper's number as a
     dashed line, the main recipe ringed."""
@@ -174,15 +173,11 @@ def plot(df: pd.DataFrame, paper: dict, labels: dict, colors: dict, wilson, path
             ref = paper.get(model, {}).get(family)
             if ref is not None:
                 ax.axhline(ref, color=c, ls="--", lw=0.8)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5)))
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        log_axis(ax)
         ax.set_xticks(sorted(set(g.x)))
         ax.set_title(f"{family.upper()}: 40k steps, seed 0", fontsize=10)
         ax.set_xlabel(X_LABELS[family])
         ax.set_ylabel("test error % (hollow: validation)")
-        ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=6.5, loc="upper left", frameon=False)
     fig.suptitle("Sensitivity to the recipe: dashed = the paper (150k steps), ringed = our main recipe", fontsize=10)
     fig.tight_layout()
