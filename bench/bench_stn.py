@@ -263,7 +263,7 @@ def bench_loop(dev, steps: int, rounds: int, extra: list[str], model: str = "st_
 
     import pytorch_lightning as pl
 
-    from src.callbacks import CurveRecorder
+    from src.run.callbacks import CurveRecorder
     from src.data.datamodule import DistortedMNIST
     from src.models.module import Classifier
     from src.models.build import build_model
@@ -551,7 +551,7 @@ def run(a: argparse.Namespace) -> None:
     ]
     write_atomic(Path(a.out), "\n".join(lines))
     print(f"bench: wrote {a.out}")
-    if a.json:  # the measured step times for `python -m src.window --plan`
+    if a.json:  # the measured step times for `python -m src.ops.window --plan`
         write_atomic(Path(a.json), json.dumps({"device": device_name(dev), "commit": git_commit(),
                                                "per_cell": per_cell.to_dict("records"),
                                                "grid": grid.to_dict("records"), "loop": loop}, indent=2) + "\n")
@@ -569,7 +569,7 @@ def main() -> None:
                     help="run section 1 alone and update it in --out, keeping sections 2-4 (needs no data)")
     ap.add_argument("--distortions", default=",".join(DISTORTIONS))
     ap.add_argument("--out", default=str(REPO / "reports" / "benchmarks.md"))
-    ap.add_argument("--json", help="also write the projected step time of every cell here (for src.window --plan)")
+    ap.add_argument("--json", help="also write the projected step time of every cell here (for src.ops.window --plan)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for the data of 3 and 4, e.g. paths.data_dir=... (repeatable)")
     try:

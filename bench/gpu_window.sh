@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One GPU window, unattended, on the device machine from the repository root (the device tool sets $OUT):
-#   bash bench/gpu_window.sh            carry: .whl (bench/fetch_wheels.sh) and .window (python -m src.window --prepare)
+#   bash bench/gpu_window.sh            carry: .whl (bench/fetch_wheels.sh) and .window (python -m src.ops.window --prepare)
 # 1. checks: the carried wheels install, CUDA is seen, the data regenerates bit-identically, `pytest -m gpu`;
 # 2. bench_stn.py --device cuda: the step time of every network, the whole-grid projection (logs/window/);
-# 3. the plan: the window's cells cheapest first by those step times (src.window --plan);
+# 3. the plan: the window's cells cheapest first by those step times (src.ops.window --plan);
 # 4. the window: those cells, --jobs at once, until WINDOW_BUDGET seconds after this script started, less the
 #    grace and the packing; then summary.json, records.tar.gz, runs*.tar.gz, logs.tar.gz and this
 #    transcript in $OUT (at most 8 files).
@@ -36,15 +36,15 @@ print('torch', torch.__version__, '| lightning', pl.__version__, '| hydra', hydr
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" \
   || fail "the Python environment is not ready"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-[ -f .window/mnist.pt.gz ] || fail ".window/mnist.pt.gz missing: run python -m src.window --prepare and carry .window"
+[ -f .window/mnist.pt.gz ] || fail ".window/mnist.pt.gz missing: run python -m src.ops.window --prepare and carry .window"
 git rev-parse HEAD >/dev/null 2>&1 || export STN_COMMIT=$(cat .window/commit 2>/dev/null)  # a copy without .git
 mkdir -p data/raw
 gunzip -c .window/mnist.pt.gz > data/raw/mnist.pt && cp .window/mnist.pt.sha256 data/raw/ || fail "cannot unpack the raw digits"
 if ls .window/runs*.tar.gz >/dev/null 2>&1; then
-  python3 -m src.window --unpack .window || fail "cannot unpack the carried runs"
+  python3 -m src.ops.window --unpack .window || fail "cannot unpack the carried runs"
 fi
 DISTORTIONS=$(ls .window/manifests 2>/dev/null | sed 's/\.json$//')
-[ -n "$DISTORTIONS" ] || fail ".window/manifests is empty: run python -m src.window --prepare where data/distorted exists"
+[ -n "$DISTORTIONS" ] || fail ".window/manifests is empty: run python -m src.ops.window --prepare where data/distorted exists"
 PIDS=()
 for d in $DISTORTIONS; do  # the thread count does not change the data (src/data/distort.py)
   OMP_NUM_THREADS=3 python3 -m src.data.distort data="$d" > "$LOGS/distort-$d.log" 2>&1 & PIDS+=($!)
@@ -74,9 +74,9 @@ if [ "$LEFT" -lt 60 ]; then  # a window under a minute would pass the command's 
 fi
 MINUTES=$(python3 -c "print(round($LEFT / 60, 2))")
 ARGS=(--device "$DEVICE" ${CELLS:+--cells "$CELLS"} ${PROFILE:+--profile "$PROFILE"} ${JOBS:+--jobs "$JOBS"})
-python3 -m src.window "${ARGS[@]}" --plan "$LOGS/bench.json" --minutes "$MINUTES" --out "$LOGS" \
+python3 -m src.ops.window "${ARGS[@]}" --plan "$LOGS/bench.json" --minutes "$MINUTES" --out "$LOGS" \
   || fail "no plan"
 
 step "4. window of $MINUTES min"
-python3 -m src.window "${ARGS[@]}" --cells "@$LOGS/plan.json" --minutes "$MINUTES" --grace "$GRACE" --out "$OUT"
+python3 -m src.ops.window "${ARGS[@]}" --cells "@$LOGS/plan.json" --minutes "$MINUTES" --grace "$GRACE" --out "$OUT"
 echo "== [$(elapsed) s] done: $(ls "$OUT" | tr '\n' ' ')"

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -230,6 +231,44 @@ def versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__, "pytorch_lightning": pl.__version__}
 
 
+
+# ------------------------------------------------------------------ what a result is
+
+# Keys that change where a run writes or how it talks, not what it computes.
+NON_RESULT_KEYS = ("paths", "quiet", "resume", "hydra", "guard")
+
+
+def result_config(cfg) -> dict:
+    """The resolved config minus the keys that do not change the result."""
+    if isinstance(cfg, DictConfig):  # drop before resolving: paths.run_dir itself resolves this hash
+        return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in NON_RESULT_KEYS]),
+                                      resolve=True)
+    return {k: v for k, v in dict(cfg).items() if k not in NON_RESULT_KEYS}
+
+
+def result_hash(cfg, salt: str = "") -> str:
+    """The one hash of a result-defining config (sha256 hex), salted with the code's result fingerprint where
+    checkpoints must not cross code that changes results; its first 10 characters name an exploratory run's
+    directory (``${config_hash:}``), so runs of different configs never share one."""
+    return hashlib.sha256((json.dumps(result_config(cfg), sort_keys=True) + salt).encode()).hexdigest()
+
+
+def _config_hash(*, _root_) -> str:
+    return result_hash(_root_)[:10]
+
+
+def _cell(*, _root_) -> str:
+    from src.cell import Cell
+
+    return Cell.of(_root_).name
+
+
+# registered on import, as every config is composed after it: ``${config_hash:}``, ``${cell:}`` (an exploratory run's dir)
+for _name, _resolver in (("config_hash", _config_hash), ("cell", _cell)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver)
+
+
 def compose_config(overrides: list[str], config_name: str = "config"):
     """Compose ``conf/<config_name>.yaml`` with Hydra's compose API (no run dir, no ``outputs/``).
 
@@ -237,8 +276,6 @@ def compose_config(overrides: list[str], config_name: str = "config"):
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException, MissingConfigException
-
-    import src.config  # noqa: F401 - registers the config's resolvers
 
     try:
         with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import io
 import json
 import logging
@@ -43,18 +42,19 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E402
 
-from src.callbacks import (CodeStamp, CurveRecorder, DivergenceGuard, ProgressLog, Segments, SignalStop,  # noqa: E402
+from src.run.callbacks import (CodeStamp, CurveRecorder, DivergenceGuard, ProgressLog, Segments, SignalStop,  # noqa: E402
                            curve_csv)
-from src.config import (ConfigError, added_keys, cell_name, check_added_keys, result_config, run_cell,  # noqa: E402
+from src.cell import Cell  # noqa: E402
+from src.run.config import (ConfigError, added_keys, check_added_keys,  # noqa: E402
                         validate)
 from src.data.datamodule import DistortedMNIST  # noqa: E402
 from src.models.build import build_model  # noqa: E402
 from src.models.module import Classifier  # noqa: E402
-from src.runinfo import (REPO, UserError, atomic_dir, check_dvc_lock, compose_config, native_bf16,  # noqa: E402
+from src.runinfo import (REPO, UserError, atomic_dir, check_dvc_lock, compose_config, native_bf16, result_hash,  # noqa: E402
                          sha256_file, uncommitted, versions, write_atomic, write_json)
 
 CONF_DIR = REPO / "conf"
-FINGERPRINT = REPO / "src" / "fingerprint.json"
+FINGERPRINT = REPO / "src" / "run" / "fingerprint.json"
 log = logging.getLogger("src.train")
 
 
@@ -82,10 +82,10 @@ def quiet_lightning(quiet: bool) -> None:
 
 
 def run_fingerprint(cfg: DictConfig) -> str:
-    """Result-defining config + the result fingerprint of the training code (src/fingerprint.json):
+    """Result-defining config + the result fingerprint of the training code (src/run/fingerprint.json):
     checkpoints resume only under the same pair, so a change that provably keeps results (the same
     fingerprint) keeps every interrupted run resumable."""
-    return hashlib.sha256((json.dumps(result_config(cfg), sort_keys=True) + FINGERPRINT.read_text()).encode()).hexdigest()
+    return result_hash(cfg, FINGERPRINT.read_text())
 
 
 def checkpoint_dir(cfg: DictConfig) -> Path:
@@ -177,10 +177,10 @@ def check_same_code(ckpt: Path, cfg: DictConfig, label: str, code: dict[str, str
     """A run resumes only under the training code that wrote its checkpoint, or a result-neutral change of it.
 
     Where a file differs from the hashes the checkpoint carries, the result fingerprint of the cell's model
-    and distortion decides (src.fingerprint, pinned, as the full check): unchanged, the change keeps results
+    and distortion decides (src.run.fingerprint, pinned, as the full check): unchanged, the change keeps results
     and the run resumes, saying so in one line (the checkpoints it writes carry the new hashes); moved, one line
     naming the changed files, exit 2. A checkpoint of older code, without the hashes, resumes unchecked."""
-    from src.fingerprint import holds
+    from src.run.fingerprint import holds
 
     stamp = torch.load(ckpt, map_location="cpu", weights_only=True).get("callbacks", {}).get(CodeStamp.__qualname__)
     if stamp is None:
@@ -193,7 +193,7 @@ def check_same_code(ckpt: Path, cfg: DictConfig, label: str, code: dict[str, str
     files = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
     # the fingerprint's cells are the main recipes: a sensitivity variant is checked on its family's
     model, data = str(cfg.model.name), str(OmegaConf.select(cfg, "sensitivity.family") or cfg.data.name).lower()
-    if holds(cell_name(model, data, 0)):
+    if holds(Cell(0, model, data).name):
         log.info(f"{label}: the training code changed since {ckpt.name} was written ({files}); the result "
                  f"fingerprint of {model} on {data} holds, so the change keeps results: resuming")
         return
@@ -279,9 +279,9 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     """Fit, test the last and the best-validation checkpoints, write the record; returns the metrics."""
     validate(cfg)
     check_writable(cfg)
-    label = run_cell(cfg)
+    label = Cell.of(cfg).name
     quiet_lightning(cfg.quiet)
-    from src.plan import start_line  # logging only (cell, steps, device, precision, projected time): no result depends on it
+    from src.run.plan import start_line  # logging only (cell, steps, device, precision, projected time): no result depends on it
 
     log.info(start_line(cfg, label))
     if note := emulated_bf16(cfg):
@@ -343,7 +343,7 @@ def make_record(cfg, net, budget, trainer, fingerprint, rows, segs, last, out_la
         "steps": int(trainer.global_step),
     }
     provenance = {
-        "cell": run_cell(cfg), "seed": int(cfg.seed),
+        "cell": Cell.of(cfg).name, "seed": int(cfg.seed),
         "steps": int(trainer.global_step), "profile_max_steps": int(cfg.trainer.max_steps),
         "commit": segs[0]["commit"] if segs else "unknown",
         "device": segs[-1]["device"] if segs else "?", "accelerator": trainer.strategy.root_device.type,
@@ -439,7 +439,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def final_line(cfg: DictConfig, m: dict, profile: str | None) -> str:
     """The run's last line: its test error and where the record went; a smoke run's says it is no result."""
-    cell = run_cell(cfg)
+    cell = Cell.of(cfg).name
     if profile == "smoke":  # a few CPU steps: its error is near chance by design
         cell += f" (smoke run, trainer=smoke: {m['steps']} steps that check the code runs, not a result)"
     return (f"{cell}: test error {m['test']['err']:.2f} % (last {m['test']['err_last']:.2f}, best-val "

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from src.fingerprint import synthetic_digits  # noqa: F401  (also the digits of the result fingerprint)
+from src.run.fingerprint import synthetic_digits  # noqa: F401  (also the digits of the result fingerprint)
 
 SYN_SIZES = (40, 20, 20)  # train / val / test
 

@@ -13,12 +13,16 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-import src.aggregate
-from src.aggregate import aggregate
-from src.config import cell_name
+import src.report.aggregate
+from src.report.aggregate import aggregate
+from src.cell import Cell
 from src.runinfo import REPO, compose_config, sha256_file
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def cell_name(model: str, data: str, seed: int) -> str:
+    return Cell(seed, model, data).name
 
 
 def test_params_name_only_existing_conf_options():
@@ -107,8 +111,8 @@ def fake_cell(root, model: str, data: str, seed: int, err: float, steps: int = 1
 def test_aggregate_builds_table_and_figures_from_records_and_ignores_stale(tmp_path, monkeypatch):
     root = tmp_path
     curves = {}  # figure -> cells drawn in it
-    plot = src.aggregate.plot_curves
-    monkeypatch.setattr(src.aggregate, "plot_curves", lambda *a: curves.setdefault(a[3].name, plot(*a)))
+    plot = src.report.aggregate.plot_curves
+    monkeypatch.setattr(src.report.aggregate, "plot_curves", lambda *a: curves.setdefault(a[3].name, plot(*a)))
     shutil.copytree(REPO / "conf", root / "conf")
     grid = {"models": ["fcn", "st_fcn", "st_fcn_tps"], "distortions": ["r", "rts"], "seeds": [0, 1], "profile": "full",
             "short": {"models": ["cnn", "st_cnn"], "distortions": ["r"], "seeds": [0]}}
@@ -249,7 +253,7 @@ def test_an_interrupted_aggregate_keeps_the_committed_report(tmp_path):
     png = tmp_path / "curves.png"
     png.write_bytes(b"committed")
     with pytest.raises(Killed):
-        src.aggregate.save_figure(HalfWritten(), png)
+        src.report.aggregate.save_figure(HalfWritten(), png)
     assert png.read_bytes() == b"committed" and [p.name for p in tmp_path.iterdir()] == ["curves.png"]
 
 
@@ -257,13 +261,13 @@ def test_an_edit_of_report_code_restales_no_train_cell(tmp_path):
     """Figure and report code is no dependency of a train stage (dvc.yaml), so editing it keeps every cell."""
     deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     train_deps = set(deps["train"]["deps"]) | set(deps["short"]["deps"])
-    for report_code in ("src/aggregate.py", "src/records.py", "src/viz.py", "src/decide.py"):
-        assert report_code not in train_deps and report_code in deps["aggregate"]["deps"] + ["src/decide.py"]
+    for report_code in ("src/report/aggregate.py", "src/report/records.py", "src/report/figures.py", "src/report/decide.py"):
+        assert report_code not in train_deps and report_code in deps["aggregate"]["deps"] + ["src/report/decide.py"]
     assert not any(d.startswith(("src/aggregate", "src/viz", "src/records")) for d in train_deps)
 
 
 def test_decision_table_replaces_its_own_block_only(tmp_path, monkeypatch):
-    from src import decide
+    from src.report import decide
 
     page = tmp_path / "decisions.md"
     page.write_text("# Decisions\n\nprose\n")
@@ -281,11 +285,11 @@ def test_decision_table_replaces_its_own_block_only(tmp_path, monkeypatch):
     assert text.startswith("# Decisions\n\nprose\n")
     assert text.count("### fcn on R") == 1 and text.count("### st_fcn on R") == 1
     fcn_block = text.split("### fcn on R")[1].split("###")[0]
-    assert "momentum 0.9, `loader.mode=fixed`" in fcn_block and "python -m src.decide model=fcn" in fcn_block
+    assert "momentum 0.9, `loader.mode=fixed`" in fcn_block and "python -m src.report.decide model=fcn" in fcn_block
 
 
 def test_theta_summary_reads_the_perspective_of_projective_theta():
-    from src.records import Record, theta_summary
+    from src.report.records import Record, theta_summary
 
     cfg = OmegaConf.to_container(compose_config(["model=st_fcn_proj", "data=p"]), resolve=True)
     corners = torch.rand(N_TEST, 4, 2) * 8  # the largest corner displacement is what the report bins P by
@@ -304,7 +308,7 @@ def test_theta_summary_reads_the_perspective_of_projective_theta():
 def test_paired_check_reads_the_reference_from_git_and_applies_the_rule(tmp_path):
     """The float32 side comes from the named commit; the verdict follows decisions.md's rule and waits
     for every cell; float32 rows are the reference, not part of the check."""
-    from src.aggregate import paired_check
+    from src.report.aggregate import paired_check
 
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t", "-C", str(tmp_path)]
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
@@ -331,7 +335,7 @@ def test_paired_check_reads_the_reference_from_git_and_applies_the_rule(tmp_path
 
 
 def test_ours_shows_the_sample_std_from_two_seeds_and_the_mean_alone_for_one():
-    from src.aggregate import ours
+    from src.report.aggregate import ours
 
     df = pd.DataFrame([{"model": "fcn", "distortion": d, "run": run, "test_err": e}
                        for d, run, e in [("r", True, 1.0), ("r", True, 2.0), ("r", True, 6.0), ("p", True, 2.0),
@@ -343,7 +347,7 @@ def test_ours_shows_the_sample_std_from_two_seeds_and_the_mean_alone_for_one():
 
 
 def test_binomial_se_of_one_run():
-    from src.aggregate import binomial_se
+    from src.report.aggregate import binomial_se
 
     assert abs(binomial_se(2.0, 10_000) - 0.14) < 1e-12  # √(0.02 × 0.98 / 10,000) = 0.0014
     assert abs(binomial_se(50.0, 100) - 5.0) < 1e-12 and binomial_se(0.0, 10_000) == 0.0
@@ -351,7 +355,7 @@ def test_binomial_se_of_one_run():
 
 
 def test_deviations_are_flagged_both_ways_by_the_same_factor():
-    from src.aggregate import DEVIATION, deviations
+    from src.report.aggregate import DEVIATION, deviations
 
     assert DEVIATION == 1.3
     paper = {"fcn": {"r": 2.0, "rts": 2.0, "p": 2.0, "e": 2.0, "tc": 2.0}, "st_fcn": {"r": 2.0, "e": 2.0}}
@@ -372,7 +376,7 @@ def test_deviations_are_flagged_both_ways_by_the_same_factor():
 
 
 def test_commit_cell_names_every_commit_in_full_and_marks_a_dirty_one():
-    from src.aggregate import commit_cell, segment_commits
+    from src.report.aggregate import commit_cell, segment_commits
 
     a, b = "a" * 40, "b" * 40
     prov = {"commit": a, "segments": [{"commit": a}, {"commit": b + "-dirty"}, {"commit": b + "-dirty"}]}
@@ -383,7 +387,7 @@ def test_commit_cell_names_every_commit_in_full_and_marks_a_dirty_one():
 
 
 def test_wilson_interval_of_known_cases():
-    from src.aggregate import wilson
+    from src.report.aggregate import wilson
 
     lo, hi = wilson(5, 10)
     assert abs(lo - 23.66) < 0.005 and abs(hi - 76.34) < 0.005  # the textbook 95 % interval of 5 in 10
@@ -400,7 +404,7 @@ def sparse_values() -> torch.Tensor:
 
 
 def test_sparse_bins_are_merged_with_a_neighbour():
-    from src.records import MIN_BIN_IMAGES, binned_error, strength_bins
+    from src.report.records import MIN_BIN_IMAGES, binned_error, strength_bins
 
     assert MIN_BIN_IMAGES == 100
     v = sparse_values()
@@ -415,8 +419,8 @@ def test_sparse_bins_are_merged_with_a_neighbour():
 
 
 def test_pooled_seeds_sum_wrong_predictions_and_images(tmp_path):
-    from src.aggregate import invariance
-    from src.records import binned_error, correct, load_record
+    from src.report.aggregate import invariance
+    from src.report.records import binned_error, correct, load_record
 
     split = fake_split(tmp_path, "r")
     fake_cell(tmp_path, "fcn", "r", 0, 10.0)
@@ -435,7 +439,7 @@ def test_pooled_seeds_sum_wrong_predictions_and_images(tmp_path):
 
 
 def test_lr_drops_follow_the_schedule_rule():
-    from src.aggregate import lr_drops
+    from src.report.aggregate import lr_drops
 
     cfg = OmegaConf.to_container(compose_config([]), resolve=True)
     assert lr_drops(cfg) == [50_000, 100_000]  # thirds of 150k (conf/optim/sgd.yaml)
@@ -443,11 +447,11 @@ def test_lr_drops_follow_the_schedule_rule():
 
 
 def test_plots_draw_every_seed_and_model_from_two_seed_records(tmp_path, monkeypatch):
-    from src.aggregate import collect, invariance, plot_curves, plot_invariance
-    from src.records import binned_error
+    from src.report.aggregate import collect, invariance, plot_curves, plot_invariance
+    from src.report.records import binned_error
 
     figs = []
-    monkeypatch.setattr(src.aggregate, "save_figure", lambda fig, path, **kw: figs.append(fig))
+    monkeypatch.setattr(src.report.aggregate, "save_figure", lambda fig, path, **kw: figs.append(fig))
     fake_split(tmp_path, "r")
     grid = {"models": ["fcn", "st_fcn", "st_fcn_tps"], "distortions": ["r", "e"], "seeds": [0, 1]}
     for model, seed, err in [("fcn", 0, 10.0), ("fcn", 1, 20.0), ("st_fcn", 0, 5.0), ("st_fcn", 1, 5.0)]:
@@ -483,7 +487,7 @@ def test_plots_draw_every_seed_and_model_from_two_seed_records(tmp_path, monkeyp
     assert list(b.n) == [351, 371] and b.err.max() < 15
     sparse = binned_error(torch.stack([ok, ok]), v, n_bins=5, min_images=0)
     assert sparse.err.max() == 100.0  # what an unmerged figure would have to show
-    lo, hi = src.aggregate.wilson(b.wrong, b.trials)
+    lo, hi = src.report.aggregate.wilson(b.wrong, b.trials)
     plot_invariance({"models": ["fcn"], "distortions": ["r"]},
                     b.assign(data="r", model="fcn", seeds=2, ci_lo=lo, ci_hi=hi), tmp_path / "sparse.png")
     assert figs[2].axes[0].get_ylim()[1] < 20
@@ -492,7 +496,7 @@ def test_plots_draw_every_seed_and_model_from_two_seed_records(tmp_path, monkeyp
 
 
 def test_the_test_halves_average_to_the_test_error():
-    from src.aggregate import half_errors
+    from src.report.aggregate import half_errors
 
     ok = torch.ones(10_000, dtype=torch.bool)
     ok[torch.arange(0, 5_000, 20)] = False  # 250 wrong in the first 5,000: 5 %
@@ -503,16 +507,16 @@ def test_the_test_halves_average_to_the_test_error():
 
 
 def test_validation_gap_pairs_each_cell_with_its_validation_error_and_splits_the_test_set(tmp_path, monkeypatch):
-    import src.data.stats
-    from src.aggregate import binomial_se, validation_gap, vs_val_section
-    from src.records import load_record
+    import src.report.data_stats
+    from src.report.aggregate import binomial_se, validation_gap, vs_val_section
+    from src.report.records import load_record
 
     fake_split(tmp_path, "r")
     fake_cell(tmp_path, "fcn", "r", 0, 10.0)  # 6 of 60 wrong, the first six images
     fake_cell(tmp_path, "fcn", "r", 1, 30.0)  # 18 wrong, the first eighteen
     records = {k: load_record(tmp_path / "reports", k) for k in (cell_name("fcn", "r", 0), cell_name("fcn", "r", 1))}
     grid = {"models": ["st_fcn", "fcn"], "distortions": ["rts", "r"], "seeds": [0, 1]}
-    monkeypatch.setattr(src.data.stats, "TEST_HALF", N_TEST // 2)  # as if these 60 images were MNIST's test set
+    monkeypatch.setattr(src.report.data_stats, "TEST_HALF", N_TEST // 2)  # as if these 60 images were MNIST's test set
     t = validation_gap(grid, records, tmp_path / "data/distorted")
     assert len(t) == 1 and t.iloc[0][["data", "model", "seeds"]].tolist() == ["r", "fcn", 2]  # only cells run
     row = t.iloc[0]

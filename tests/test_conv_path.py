@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import src.train as train_mod
-from src.config import ConfigError, validate
+from src.run.config import ConfigError, validate
 from src.data.datamodule import DistortedMNIST
-from src.fingerprint import synthetic_digits
+from src.run.fingerprint import synthetic_digits
 from src.models.build import build_model
 from src.models.conv import OneChannelConv2d, _OneChannelConv
 from src.runinfo import REPO, compose_config

@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from src.data import distort
-from src.data import stats
+from src.report import data_stats as stats
 from src.data.distort import load_split
 from src.runinfo import UserError, compose_config
 
 
 def distort_into(tmp_path, name: str, raw, *overrides: str):
-    distort.main([f"data={name}", f"paths.raw_file={raw}", f"paths.data_dir={tmp_path / 'distorted'}",
-                  f"paths.preview_dir={tmp_path / 'figures'}", *overrides])
+    distort.main([f"data={name}", f"paths.raw_file={raw}", f"paths.data_dir={tmp_path / 'distorted'}", *overrides])
     return tmp_path / "distorted"
 
 
@@ -63,7 +62,14 @@ def test_stage_writes_the_report_and_refuses_bad_input_in_one_line(raw_file, tmp
     out, params = tmp_path / "data.md", tmp_path / "params.yaml"
     monkeypatch.setattr(stats, "OUT", out)
     monkeypatch.setattr(stats, "PARAMS", params)
-    argv = [f"paths.raw_file={raw_file}", f"paths.data_dir={data}"]
+    previews = tmp_path / "previews"
+    argv = [f"paths.raw_file={raw_file}", f"paths.data_dir={data}", f"paths.preview_dir={previews}"]
+    previews.mkdir()
+    (previews / "gone.png").write_bytes(b"")  # a dataset no longer in the grid: its preview goes too
+    params.write_text("distortions: [r]\nsensitivity: {p_data: [p], e_data: []}\n")  # p as a variant's data
+    stats.main(argv)
+    assert sorted(p.name for p in previews.iterdir()) == ["p.png", "r.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in previews.iterdir())
     params.write_text("distortions: [r, p]\n")
     stats.main(argv)
     text = out.read_text()

@@ -20,8 +20,7 @@ DISTORTIONS = tuple(sorted(p.stem for p in (REPO / "conf/data").glob("*.yaml")))
 
 
 def args(name: str, raw: Path, tmp: Path) -> list[str]:
-    return [f"data={name}", f"paths.raw_file={raw}", f"paths.data_dir={tmp / 'distorted'}",
-            f"paths.preview_dir={tmp / 'figures'}"]
+    return [f"data={name}", f"paths.raw_file={raw}", f"paths.data_dir={tmp / 'distorted'}"]
 
 
 @pytest.mark.parametrize("name", DISTORTIONS)
@@ -43,7 +42,6 @@ def test_stage_writes_the_dataset(name, raw_file, synthetic_raw, tmp_path):
                            torch.bincount(synthetic_raw[split]["labels"], minlength=10))
         assert all(v.dtype == torch.float32 and v.shape[0] == n for v in d["params"].values())
         assert stage.load_split(out, split)["images"].shape == d["images"].shape
-    assert (tmp_path / "figures" / f"preview_{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_rerun_gives_identical_files_and_tampering_is_detected(raw_file, tmp_path):

@@ -127,7 +127,7 @@ def test_documented_modules_exist():
     """Every `python -m src.<module>` of README.md and docs/ (code blocks and inline code) can be run."""
     named = {m for doc in GUIDES for line in code((REPO / doc).read_text())
              for m in re.findall(r"python3? -m (src(?:\.\w+)+)", line)}
-    assert {"src.train", "src.plan", "src.window"} <= named  # the check reads the documents at all
+    assert {"src.train", "src.run.plan", "src.ops.window"} <= named  # the check reads the documents at all
     missing = sorted(m for m in named if importlib.util.find_spec(m) is None)
     assert not missing, f"documented modules that do not exist: {missing}"
 
@@ -231,7 +231,7 @@ def section_references() -> list[tuple[str, str, str]]:
 
 def test_section_references_name_a_heading():
     refs = section_references()
-    assert any(doc == "docs/operations.md" for _, doc, _ in refs)  # src/plan.py points there
+    assert any(doc == "docs/operations.md" for _, doc, _ in refs)  # src/run/plan.py points there
     bad = [r for r in refs if not (REPO / r[1]).is_file()
            or not any(h.lower().startswith(r[2].lower()) for h in headings((REPO / r[1]).read_text()))]
     assert not bad, f"references to sections that do not exist (file, document, section): {bad}"

@@ -16,7 +16,7 @@ from torch import nn
 from src.models.nets import FAMILIES, N_CLASSES, Family, build_net, classifier_params, count_params
 from src.stn.grids import GRIDS, GridGenerator, base_grid, register_transform
 from src.stn.stats import theta_stats
-from src.viz import frame_corners, frame_lattice
+from src.report.figures import frame_corners, frame_lattice
 from stn_helpers import one_thread  # noqa: F401  (autouse fixture: single-threaded torch)
 from stn_helpers import budget, config, digit_batch
 

@@ -1,11 +1,11 @@
-"""The result fingerprint (src/fingerprint.py): the committed hashes are what the training code computes,
+"""The result fingerprint (src/run/fingerprint.py): the committed hashes are what the training code computes,
 on any CPU. A change that moves a hash changes results, and the cells it touches retrain."""
 
 from __future__ import annotations
 
 import json
 
-from src.fingerprint import FILE, pinned
+from src.run.fingerprint import FILE, pinned
 
 
 def test_the_training_code_computes_the_committed_fingerprint():
@@ -14,7 +14,7 @@ def test_the_training_code_computes_the_committed_fingerprint():
     moved = sorted(k for k in committed if now.get(k) != committed[k])
     assert set(now) == set(committed) and not moved, (
         f"results changed for {moved}: retrain them, or, if the change is intended and the cells are retrained, "
-        "run `python -m src.fingerprint --write`")
+        "run `python -m src.run.fingerprint --write`")
 
 
 def test_the_fingerprint_does_not_depend_on_the_cpus_instruction_set():

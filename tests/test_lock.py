@@ -78,7 +78,7 @@ def test_a_truncated_dvc_lock_is_one_line_saying_how_to_restore_it(tmp_path):
     shutil.copy2(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     lock.write_bytes(b"")
     env = {k: v for k, v in os.environ.items() if k != "DVC_STAGE"}
-    for args, extra in [(["src.plan"], {}), (["src.train", "trainer=smoke"], {"DVC_STAGE": "train@0-fcn-r"}),
+    for args, extra in [(["src.run.plan"], {}), (["src.train", "trainer=smoke"], {"DVC_STAGE": "train@0-fcn-r"}),
                         (["src.data.distort", "data=r"], {"DVC_STAGE": "distort@r"})]:
         r = subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, env={**env, **extra}, capture_output=True,
                            text=True, timeout=300)

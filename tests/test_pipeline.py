@@ -85,7 +85,7 @@ def test_dvc_repro_end_to_end_and_a_fresh_clone_retrains_nothing(tmp_path):
     assert (repo / "reports/figures/transforms/0-st_fcn-r.png").stat().st_size > 1000
 
     # report code is no dependency of a cell: editing it restales the aggregate only
-    report_code = {f: (repo / f).read_text() for f in ("src/aggregate.py", "src/viz.py", "src/records.py")}
+    report_code = {f: (repo / f).read_text() for f in ("src/report/aggregate.py", "src/report/figures.py", "src/report/records.py")}
     for f, text in report_code.items():
         (repo / f).write_text(text + "# edited\n")
     status = sh(repo, "dvc", "status")

@@ -12,8 +12,8 @@ import sys
 import pytest
 import pytorch_lightning as pl
 
-import src.plan as plan_mod
-from src.plan import Cell, command, fit, load_bench, md_tables, plan, project, report
+import src.run.plan as plan_mod
+from src.run.plan import Cell, command, fit, load_bench, md_tables, plan, project, report
 from src.runinfo import REPO, compose_config
 from src.train import train
 
@@ -60,8 +60,8 @@ def repo(tmp_path, monkeypatch):
         ("train@0-cnn-tc", cmd("cnn", "tc", 0), [{"changed deps": {"src/models": "modified"}}]),
         ("train@0-st_cnn_tps-p", cmd("st_cnn_tps", "p", 0), [{"changed outs": {"reports/cells/x": "deleted"}}]),
         ("train@1-fcn-e", cmd("fcn", "e", 1), [{"changed deps": {"conf/model/fcn.yaml": {"width": "modified"}}}]),
-        ("short@0-cnn-r", cmd("cnn", "r", 0, short=True), [{"changed deps": {"src/fingerprint.json": "modified"}}]),
-        ("aggregate", "python -m src.aggregate", [{"changed deps": {"reports/metrics": "modified"}}]),
+        ("short@0-cnn-r", cmd("cnn", "r", 0, short=True), [{"changed deps": {"src/run/fingerprint.json": "modified"}}]),
+        ("aggregate", "python -m src.report.aggregate", [{"changed deps": {"reports/metrics": "modified"}}]),
     ]
     fake = [{"stage": s, "cmd": c, "changes": ch} for s, c, ch in stages]
     monkeypatch.setattr(plan_mod, "repro_stages", lambda root: (fake, {"data/raw", "data/distorted/r"}))
@@ -86,7 +86,7 @@ def test_the_plan_lists_the_stale_cells_in_dvc_repros_order_each_projected_with_
     assert (c["short@0-cnn-r"].steps, c["short@0-cnn-r"].precision) == (40_000, "bf16-mixed")
     assert c["short@0-cnn-r"].seconds == pytest.approx(0.1 * 0.5 * 40_000) and "×0.50" in c["short@0-cnn-r"].source
     assert c["train@0-st_cnn_tps-p"].seconds is None
-    assert [s for s, x in c.items() if x.code_only] == ["train@0-cnn-tc"]  # src/fingerprint.json is no code-only change
+    assert [s for s, x in c.items() if x.code_only] == ["train@0-cnn-tc"]  # src/run/fingerprint.json is no code-only change
 
     lines, cmds = report(cells, others, None)
     text = "\n".join(lines)

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from src.callbacks import CurveRecorder, Diverged, DivergenceGuard
+from src.run.callbacks import CurveRecorder, Diverged, DivergenceGuard
 from src.runinfo import REPO
 
 
@@ -58,7 +58,7 @@ def test_a_bad_value_is_one_line_exit_2_and_writes_nothing(smoke, tmp_path, over
 
 
 def test_what_a_bad_transform_or_batch_size_line_says():
-    from src.config import ConfigError, validate
+    from src.run.config import ConfigError, validate
     from src.runinfo import compose_config
     from src.stn.grids import GRIDS
 
@@ -80,7 +80,7 @@ def test_what_a_bad_transform_or_batch_size_line_says():
     (["-m", "+trainer.max_step=10,20"], "trainer.max_step"), (["--cfg", "job", "+trainer.max_step=10"], "trainer.max_step"),
 ])
 def test_a_key_added_with_plus_that_the_config_lacks_is_refused(args, key):
-    from src.config import ConfigError
+    from src.run.config import ConfigError
     from src.train import check_overrides
 
     with pytest.raises(ConfigError, match=rf"^\+*{key}=\S+: unknown key {key} "):
@@ -219,15 +219,15 @@ def append(path: Path, text: str = "# edited\n") -> None:
 
 
 def test_a_pipeline_cell_refuses_uncommitted_sources_an_exploratory_run_records_them(smoke, tmp_path, clone):
-    for f in ("conf/optim/sgd.yaml", "dvc.yaml", "params.yaml", "src/callbacks.py", "src/config.py", "src/train.py",
-              "src/aggregate.py"):  # the last is report code, no dependency of a cell
+    for f in ("conf/optim/sgd.yaml", "dvc.yaml", "params.yaml", "src/run/callbacks.py", "src/run/config.py", "src/train.py",
+              "src/report/aggregate.py"):  # the last is report code, no dependency of a cell
         append(clone / f)
     (clone / "src/models/extra.py").write_text("")  # untracked, where the cell's code lives
     env = {k: v for k, v in os.environ.items() if k != "DVC_STAGE"}
     r = run_cli(*smoke, cwd=clone, env={**env, "DVC_STAGE": "train@0-fcn-r"})
     assert r.returncode == 2
     assert one_error_line(r).startswith("error: train@0-fcn-r: uncommitted changes to conf/optim/sgd.yaml, dvc.yaml, "
-                                        "params.yaml, src/callbacks.py, src/config.py and 2 more;"), r.stderr
+                                        "params.yaml, src/run/callbacks.py, src/run/config.py and 2 more;"), r.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["repo"] and not (clone / "outputs").exists()
 
     r = run_cli(*smoke, cwd=clone, env=env)  # the same run outside the pipeline
@@ -248,7 +248,7 @@ def test_a_clean_tree_records_its_commit_and_starts_a_pipeline_cell(tmp_path, cl
     head = git(clone, "rev-parse", "HEAD").strip()
     train.check_committed()
     assert runinfo.git_commit() == head
-    append(clone / "src/viz.py")  # report code: the record is marked, the cell still starts
+    append(clone / "src/report/figures.py")  # report code: the record is marked, the cell still starts
     train.check_committed()
     assert runinfo.git_commit().startswith(head + "-dirty+")
     (clone / "conf/model/new.yaml").write_text("")
@@ -463,7 +463,7 @@ def test_a_checkpoint_without_a_code_stamp_resumes_unchecked(tmp_path, caplog, m
 
     import torch
 
-    from src import fingerprint
+    from src.run import fingerprint
     from src.runinfo import compose_config
     from src.train import check_same_code, code_hashes
 

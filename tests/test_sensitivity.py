@@ -13,8 +13,9 @@ import torch
 import yaml
 from conftest import synthetic_digits
 
-from src import sensitivity
-from src.config import result_config, run_cell
+from src.report import sensitivity
+from src.cell import Cell
+from src.runinfo import result_config
 from src.data.distort import generate_split
 from src.data.warps import FRAME
 from src.runinfo import REPO, UserError, compose_config
@@ -51,7 +52,8 @@ def test_a_variant_differs_from_its_main_recipe_only_in_the_keys_it_overrides(na
     assert differ == overridden, name
     assert (v.data["name"] == name) == (v.family in ("p", "e") or v.main), "a data variant has its own data directory"
     assert v.main == (name == v.family)
-    assert run_cell(compose_config([f"+experiment=sensitivity/{name}", "model=fcn", "seed=2"])) == f"2-fcn-{name}"
+    cell = Cell.of(compose_config([f"+experiment=sensitivity/{name}", "model=fcn", "seed=2"]))
+    assert cell.name == f"2-fcn-{name}" and cell.paths()["metrics_file"] == f"reports/sensitivity/metrics/2-fcn-{name}.json"
 
 
 @pytest.mark.parametrize("name", [n for n in VARIANTS if n.startswith(("p", "e"))])

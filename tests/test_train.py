@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from src.callbacks import Stopped
+from src.run.callbacks import Stopped
 from src.models.module import Classifier
 from src.runinfo import compose_config
 from src.models.build import build_model
@@ -164,7 +164,7 @@ def test_a_changed_config_neither_resumes_nor_deletes_another_configs_checkpoint
 
 def test_resume_needs_the_same_result_config_and_result_fingerprint(tmp_path, monkeypatch):
     """Where a run writes, how it talks and result-neutral code edits keep a checkpoint resumable; a
-    result-defining key or a new result fingerprint (src/fingerprint.json) does not."""
+    result-defining key or a new result fingerprint (src/run/fingerprint.json) does not."""
     from src import train as train_mod
 
     base = run_fingerprint(cfg_for())

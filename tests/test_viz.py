@@ -9,7 +9,7 @@ from torch import nn
 from src.stn.grids import base_grid
 from src.stn.transformer import SpatialTransformer
 from src.stn.stats import rotation_deg
-from src.viz import draw_transforms, frame_corners, frame_lattice, to_pixels
+from src.report.figures import draw_transforms, frame_corners, frame_lattice, to_pixels
 from stn_helpers import one_thread  # noqa: F401  (autouse fixture: single-threaded torch)
 from stn_helpers import TRANSFORMS, build, digit_batch, identity_theta, rotation, theta_for_affine
 

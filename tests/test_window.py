@@ -16,7 +16,8 @@ import pytorch_lightning as pl
 import torch
 
 from src.runinfo import REPO, compose_config
-from src.window import Cell, cell_args, main as window_main, rebase_checkpoint
+from src.cell import Cell
+from src.ops.window import cell_args, main as window_main, rebase_checkpoint
 
 CELLS = "0-fcn-r,1-fcn-r"
 STEPS = 800
@@ -29,7 +30,7 @@ def window(root, *args: str, data=None, timeout: int = 300) -> subprocess.Comple
                 "--set", f"trainer.max_steps={STEPS}", "--set", "trainer.val_check_interval=50",
                 "--set", "trainer.limit_val_batches=null", "--set", "loader.eval_batch_size=100"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "src.window", "--root", str(root), *args, *sets], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "src.ops.window", "--root", str(root), *args, *sets], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -135,7 +136,7 @@ class _Term(pl.Callback):
 def test_window_stop_at_a_validation_step_resumes_exactly(synthetic_data, tmp_path, when):
     """The window's SIGTERM lands anywhere; at a validation step a checkpoint before the validation, or
     Lightning's own handler aborting it half-way, would lose that validation on resume."""
-    from src.callbacks import Stopped
+    from src.run.callbacks import Stopped
     from src.train import train
 
     def cfg(tag):
@@ -157,7 +158,7 @@ def test_window_runs_the_dvc_train_stage_command():
     from dvc.repo import Repo
 
     stage = next(s for s in Repo(str(REPO)).stage.collect("train@0-st_cnn-rts"))
-    ours = cell_args(Cell("0-st_cnn-rts", 0, "st_cnn", "rts"), "full", cuda=True, sets=[])
+    ours = cell_args(Cell(0, "st_cnn", "rts"), "full", cuda=True, sets=[])
     assert ["python", "-m", "src.train", *ours[:-2]] == stage.cmd.split()
     assert ours[-2:] == ["trainer.accelerator=gpu", "trainer.tf32=true"]
     cfg = compose_config(ours)
@@ -234,7 +235,7 @@ def test_window_scale_out_submitit_local_runs_each_cell_as_a_job(synthetic_data,
 
 def test_window_packs_runs_in_chunks_within_the_return_limits(tmp_path, monkeypatch):
     """Cells are never split; a chunk stays under RUN_CHUNK_BYTES, the chunks under their count and total."""
-    from src import window as w
+    from src.ops import window as w
 
     monkeypatch.setattr(w, "RUN_CHUNK_BYTES", 3000)
     monkeypatch.setattr(w, "RUN_TOTAL_BYTES", 7000)
@@ -273,7 +274,7 @@ def test_window_prepare_fills_what_the_next_window_carries(tmp_path, synthetic_d
     import gzip
     import shutil
 
-    from src.window import checkpoint_dir
+    from src.ops.window import checkpoint_dir
 
     raw = tmp_path / "data" / "raw"
     raw.mkdir(parents=True)
@@ -282,7 +283,7 @@ def test_window_prepare_fills_what_the_next_window_carries(tmp_path, synthetic_d
     (tmp_path / "data" / "distorted" / "r").mkdir(parents=True)
     shutil.copy(synthetic_data["data_dir"] / "r" / "manifest.json", tmp_path / "data" / "distorted" / "r")
     for name, model in (("0-cnn-r", "cnn"), ("0-st_cnn-r", "st_cnn")):  # both stopped on CUDA; st_cnn has finished
-        ckpt = checkpoint_dir(cell_args(Cell(name, 0, model, "r"), "full", cuda=True, sets=[]), tmp_path)
+        ckpt = checkpoint_dir(cell_args(Cell(0, model, "r"), "full", cuda=True, sets=[]), tmp_path)
         ckpt.mkdir(parents=True)
         (ckpt / "last.ckpt").write_bytes(b"x" * 10)
     (tmp_path / "reports" / "metrics").mkdir(parents=True)

@@ -12,7 +12,7 @@ float64 on the CPU, rounds to uint8 and writes ``<paths.data_dir>/<d>/``:
   the directory hashes the same wherever it is regenerated.
 
 The output appears by one rename of a finished temporary directory, so an interrupted run leaves
-no valid-looking output. Also writes ``<paths.preview_dir>/preview_<d>.png`` (64 test samples).
+no valid-looking output.
 
 Determinism: split ``s`` is generated from ``torch.Generator().manual_seed(split_seed(gen_seed, s))``
 in chunks of ``CHUNK`` images, in order, with float64 arithmetic whose per-element order does not
@@ -34,10 +34,9 @@ from omegaconf import OmegaConf
 
 from src.data.mnist import SPLITS, check_digits, load_raw, sidecar
 from src.data.warps import distort_batch, warp_of
-from src.runinfo import UserError, atomic_dir, load_checked, stage_main, write_atomic
+from src.runinfo import UserError, atomic_dir, load_checked, stage_main
 
 CHUNK = 1000  # images per distort_batch call: part of the recipe (the random stream is drawn per chunk)
-PREVIEW_N = 64
 
 
 def split_seed(gen_seed: int, split: str) -> int:
@@ -112,8 +111,6 @@ def distort(cfg) -> Path:
             (tmp / f"{split}.pt").write_bytes(data)
             files[f"{split}.pt"] = {"sha256": hashlib.sha256(data).hexdigest(), "images": list(images.shape),
                                     "labels": list(labels.shape), "params": {k: list(v.shape) for k, v in params.items()}}
-            if split == "test":
-                preview = (images[:PREVIEW_N].clone(), labels[:PREVIEW_N].clone())
             del images, params, labels, data
         manifest = {
             "name": str(d.name), "files": files, "config": OmegaConf.to_container(d, resolve=True),
@@ -121,7 +118,6 @@ def distort(cfg) -> Path:
             "raw": {"file": raw_path.name, "sha256": sidecar(raw_path).read_text().split()[0]},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    write_preview(Path(cfg.paths.preview_dir) / f"preview_{d.name}.png", *preview, str(d.name))
     return out_dir
 
 
@@ -173,40 +169,10 @@ def check_generation_config(split_dir: Path, data_cfg, align_corners: bool) -> N
                             f"{k}={json.dumps(ours)}; run `{hint}` (or drop the override)")
 
 
-def write_preview(path: Path, images: torch.Tensor, labels: torch.Tensor, name: str) -> None:
-    """An 8×8 mosaic of test samples with their labels (matplotlib, Agg; no version metadata)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n, _, s, _ = images.shape
-    cols = 8
-    rows = -(-n // cols)
-    pad = 2
-    mosaic = torch.full((rows * (s + pad) - pad, cols * (s + pad) - pad), 0.35)
-    for i in range(n):  # 64 tiles for a figure
-        r, c = divmod(i, cols)
-        mosaic[r * (s + pad):r * (s + pad) + s, c * (s + pad):c * (s + pad) + s] = images[i, 0].float() / 255
-    fig, ax = plt.subplots(figsize=(6, 6 * mosaic.shape[0] / mosaic.shape[1] + 0.4), dpi=120)
-    ax.imshow(mosaic.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    for i in range(n):
-        r, c = divmod(i, cols)
-        ax.text(c * (s + pad) + 1, r * (s + pad) + 1, str(int(labels[i])), color="#ffcc00", fontsize=7,
-                va="top", ha="left")
-    ax.set_axis_off()
-    ax.set_title(f"{name.upper()}: first {n} test images ({s}×{s}), label top-left", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
-
-
 def main(argv: list[str] | None = None) -> None:
     def work(cfg) -> str:
         out = distort(cfg)
-        return f"distort: {out}/{{train,val,test}}.pt + manifest.json, preview in {cfg.paths.preview_dir}"
+        return f"distort: {out}/{{train,val,test}}.pt + manifest.json"
 
     stage_main(argv, work)
 

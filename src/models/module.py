@@ -45,7 +45,7 @@ class Classifier(pl.LightningModule):
 
     # ---------------------------------------------------------------- training
     def loss(self, batch) -> torch.Tensor:
-        """The training objective of one batch (src.fingerprint runs the same step outside Lightning)."""
+        """The training objective of one batch (src.run.fingerprint runs the same step outside Lightning)."""
         x, y = batch
         return F.cross_entropy(self.net(x), y)
 

@@ -1,7 +1,7 @@
 """Collect every cell of the grid into Table 1 beside the paper and the seed report.
 
-``python -m src.aggregate`` reads params.yaml's grids (never globs, so files of removed cells are
-ignored), each cell's record (``src.records``), the regenerated test sets and the reference numbers
+``python -m src.report.aggregate`` reads params.yaml's grids (never globs, so files of removed cells are
+ignored), each cell's record (``src.report.records``), the regenerated test sets and the reference numbers
 in conf/reference/, and writes reports/results.{csv,md}, the metrics files reports/err/ (``metric_files``),
 reports/summary.json and the figures: learning curves, error by distortion strength, and the learned
 transforms drawn from the recorded θ. Every file is written atomically (the stage's outputs are
@@ -31,10 +31,10 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from src import sensitivity  # noqa: E402
-from src.config import cell_name  # noqa: E402
-from src.data.stats import nist_halves  # noqa: E402
-from src.records import (INVARIANCE, MIN_BIN_IMAGES, N_BINS, binned_error, correct, load_record,  # noqa: E402
+from src.report import sensitivity  # noqa: E402
+from src.cell import Cell  # noqa: E402
+from src.report.data_stats import nist_halves  # noqa: E402
+from src.report.records import (INVARIANCE, MIN_BIN_IMAGES, N_BINS, binned_error, correct, load_record,  # noqa: E402
                          segment_commits, test_split, theta_summary, transformer)
 from src.runinfo import REPO, UserError, check_dvc_lock, compose_config, write_atomic, write_json  # noqa: E402
 
@@ -65,7 +65,7 @@ def collect(grid: dict, reports: Path) -> tuple[pd.DataFrame, dict]:
     for model in grid["models"]:
         for data in grid["distortions"]:
             for seed in grid["seeds"]:
-                key = cell_name(model, data, seed)
+                key = Cell(seed, model, data).name
                 rec = load_record(reports, key)
                 row = {"model": model, "distortion": data, "seed": seed, "key": key, "run": rec is not None}
                 if rec is not None:
@@ -212,7 +212,7 @@ def plot_curves(grid: dict, df: pd.DataFrame, reports: Path, path: Path, steps: 
         for model in grid["models"]:
             seeds = {}
             for seed in grid["seeds"]:
-                key = cell_name(model, data, seed)
+                key = Cell(seed, model, data).name
                 f = reports / "curves" / f"{key}.csv"
                 if key in done and f.is_file():
                     seeds[seed] = pd.read_csv(f).drop_duplicates("step", keep="last").set_index("step").val_err
@@ -271,7 +271,7 @@ def invariance(grid: dict, records: dict, data_dir: Path, min_images: int = MIN_
     frames = []
     for data in (d for d in INVARIANCE if d in grid["distortions"]):
         for model in grid["models"]:
-            recs = [records[k] for s in grid["seeds"] if (k := cell_name(model, data, s)) in records]
+            recs = [records[k] for s in grid["seeds"] if (k := Cell(s, model, data).name) in records]
             if recs:
                 split = test_split(str(data_dir), data)  # cached
                 ok = torch.stack([correct(r, split) for r in recs])
@@ -370,7 +370,7 @@ def validation_gap(grid: dict, records: dict, data_dir: Path) -> pd.DataFrame:
     rows = []
     for data in grid["distortions"]:
         for model in grid["models"]:
-            recs = [records[k] for s in grid["seeds"] if (k := cell_name(model, data, s)) in records]
+            recs = [records[k] for s in grid["seeds"] if (k := Cell(s, model, data).name) in records]
             if not recs:
                 continue
             split = test_split(str(data_dir), data)  # cached
@@ -406,8 +406,8 @@ N_DRAWN = 8  # test images per learned-transform figure (the first ones of the t
 
 def draw_learned_transforms(records: dict, data_dir: Path, out_dir: Path) -> list[str]:
     """One figure per ST cell from its record: input, frame of the recorded θ, transformer output
-    (``src.viz.draw_warps``). Figures of cells no longer in the grid are removed; returns the keys drawn."""
-    from src.viz import draw_warps
+    (``src.report.figures.draw_warps``). Figures of cells no longer in the grid are removed; returns the keys drawn."""
+    from src.report.figures import draw_warps
 
     drawn = []
     for key, rec in records.items():
@@ -433,7 +433,7 @@ def theta_table(grid: dict, records: dict, data_dir: Path) -> pd.DataFrame:
     rows = []
     for data in grid["distortions"]:
         for model in grid["models"]:
-            rec = records.get(cell_name(model, data, grid["seeds"][0]))
+            rec = records.get(Cell(grid["seeds"][0], model, data).name)
             if rec is None or rec.theta is None:
                 continue
             stats = theta_summary(rec, test_split(str(data_dir), data))
@@ -569,7 +569,7 @@ class Budget:
 
 
 def sensitivity_section(sens: pd.DataFrame, full: pd.DataFrame, paper: dict) -> list[str]:
-    """The sensitivity study's section of results.md (src/sensitivity.py), its figure linked."""
+    """The sensitivity study's section of results.md (src/report/sensitivity.py), its figure linked."""
     if sens.empty:
         return []
     lines = [
@@ -607,7 +607,7 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
     lines = [
         "# Results: distorted MNIST (Table 1)",
         "",
-        "Generated by `python -m src.aggregate` (the `aggregate` stage of `dvc repro`) from the per-cell "
+        "Generated by `python -m src.report.aggregate` (the `aggregate` stage of `dvc repro`) from the per-cell "
         "records in `reports/metrics/`, `reports/curves/` and `reports/cells/` and the regenerated test sets; "
         "do not edit by hand.",
         "",
@@ -770,13 +770,13 @@ def aggregate(root: Path = REPO) -> pd.DataFrame:
                 short_records)
     inv = invariance(grid, records, data_dir)
     plot_invariance(grid, inv, reports / "figures" / "invariance.png")
-    short_prefix = "short-"  # one figure folder for both budgets
-    drawn = draw_learned_transforms({**records, **{short_prefix + k: r for k, r in short_records.items()}}, data_dir,
+    short_keys = {Cell.parse(k, "short").key: k for k in short_records}  # one figure folder for both budgets
+    drawn = draw_learned_transforms({**records, **{key: short_records[k] for key, k in short_keys.items()}}, data_dir,
                                     reports / "figures" / "transforms")
     full = Budget(grid, steps[grid["profile"]], df, inv, theta_table(grid, records, data_dir),
-                  [k for k in drawn if not k.startswith(short_prefix)], validation_gap(grid, records, data_dir))
+                  [k for k in drawn if k not in short_keys], validation_gap(grid, records, data_dir))
     short = Budget(short_grid, steps["short"], short_df, invariance(short_grid, short_records, data_dir),
-                   theta_table(short_grid, short_records, data_dir), [k for k in drawn if k.startswith(short_prefix)])
+                   theta_table(short_grid, short_records, data_dir), [k for k in drawn if k in short_keys])
     write_atomic(reports / "results.csv", pd.concat([df.assign(profile=grid["profile"]),
                                                      short_df.assign(profile="short")]).to_csv(index=False))
     sens = sensitivity.collect(params, reports / "sensitivity", data_dir)

@@ -1,8 +1,8 @@
 """What ``dvc repro`` will train, in its order, and how long each cell takes here; run it before ``dvc repro``.
 
-    python -m src.plan                # the stale cells in dvc repro's order, projected times, total
-    python -m src.plan --hours 8      # the cheapest stale cells that finish in 8 h here, and the command for them
-    python -m src.plan [--hours 8] --run   # the same, then run it (without --hours: plain `dvc repro`)
+    python -m src.run.plan                # the stale cells in dvc repro's order, projected times, total
+    python -m src.run.plan --hours 8      # the cheapest stale cells that finish in 8 h here, and the command for them
+    python -m src.run.plan [--hours 8] --run   # the same, then run it (without --hours: plain `dvc repro`)
 
 The cells are the training stages (``CELL_STAGES``) that ``dvc status`` reports as changed, in the order
 ``dvc repro`` runs them (DVC's own planning). A dependency that is missing and that another stage
@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from src.config import precision_of
+from src.run.config import precision_of
 from src.runinfo import REPO, UserError, check_dvc_lock
 
 REACH_HOURS = 24.0  # a cell projected beyond this on a CPU: the GPU window or the cluster
@@ -37,7 +37,7 @@ BEYOND = "beyond a CPU's reach: GPU window or cluster"
 BENCH_TABLES = (("reports/bench/conv.md", {"32-true": "fp32 (ms)", "bf16-mixed": "bf16-mixed (ms)"}, 1e-3),
                 ("reports/benchmarks.md", {"32-true": "s / step"}, 1.0))
 CELL_STAGES = ("train@", "short@", "sens_p@", "sens_e@", "sens_rts@")  # dvc.yaml's training stages
-CODE_DEPS = "src/"  # a training-code dependency; src/fingerprint.json is the result it must keep
+CODE_DEPS = "src/"  # a training-code dependency; src/run/fingerprint.json is the result it must keep
 
 
 # ------------------------------------------------------------------ what was measured
@@ -223,7 +223,7 @@ def repro_stages(root: Path = REPO) -> tuple[list[dict], set[str]]:
 def _changed(changes: list, outs: set[str]) -> tuple[bool, bool]:
     """(will it run, is it stale through training code only): a missing dependency that a stage produces
     is regenerated, so it is no change; code-only means every change is a modified file under src/ other
-    than src/fingerprint.json, with the record in place (``dvc commit -f`` re-locks it if the fingerprint holds)."""
+    than src/run/fingerprint.json, with the record in place (``dvc commit -f`` re-locks it if the fingerprint holds)."""
     rest, code_only = [], True
     for entry in changes:
         if not isinstance(entry, dict):
@@ -236,7 +236,7 @@ def _changed(changes: list, outs: set[str]) -> tuple[bool, bool]:
                     continue
                 rest.append(path)
                 code_only &= (kind == "changed deps" and what == "modified" and str(path).startswith(CODE_DEPS)
-                              and path != "src/fingerprint.json")
+                              and path != "src/run/fingerprint.json")
     return bool(rest), bool(rest) and code_only
 
 
@@ -343,7 +343,7 @@ def total_line(cells: list[Cell]) -> str:
 def report(cells: list[Cell], others: list[str], limit_hours: float | None) -> tuple[list[str], list[list[str]]]:
     """The printed plan and the commands it proposes."""
     if not cells:
-        return ([f"dvc repro trains no cell: every training stage is up to date"
+        return (["dvc repro trains no cell: every training stage is up to date"
                  + (f" (it runs {', '.join(others)})" if others else "")], [["dvc", "repro"]] if others else [])
     device = cells[0].device
     lines = [f"dvc repro would train {len(cells)} cells on {machine(device)}"]
@@ -357,16 +357,16 @@ def report(cells: list[Cell], others: list[str], limit_hours: float | None) -> t
     if beyond:
         verb = "takes" if len(beyond) == 1 else "take"
         lines.append(f"{_n(len(beyond), 'cell')} {verb} more than {REACH_HOURS:g} h each here, beyond a CPU's reach: "
-                     f"train them in a GPU window (docs/operations.md \"GPU window\", python -m src.window) "
+                     f"train them in a GPU window (docs/operations.md \"GPU window\", python -m src.ops.window) "
                      f"or on a cluster (docs/operations.md \"A cluster\", Hydra's submitit launcher).")
     code = [c for c in cells if c.code_only]
     if code:
         lines.append(f"{len(code)} of these cells {'is' if len(code) == 1 else 'are'} stale only through training code "
-                     f"under src/ with src/fingerprint.json unchanged: if `python -m src.fingerprint` still matches, "
+                     f"under src/ with src/run/fingerprint.json unchanged: if `python -m src.run.fingerprint` still matches, "
                      f"`dvc commit -f` of their stages re-locks them without training "
                      f"(docs/pipeline.md \"Changing the code\").")
     if limit_hours is None:
-        lines.append("python -m src.plan --hours N: the cells this machine finishes in N hours, and the command.")
+        lines.append("python -m src.run.plan --hours N: the cells this machine finishes in N hours, and the command.")
         return lines, [["dvc", "repro"]]
     chosen = fit(cells, limit_hours)
     lines += ["", f"within {limit_hours:g} h here: {len(chosen)} cells, {hours(sum(c.seconds for c in chosen))} "
@@ -375,12 +375,12 @@ def report(cells: list[Cell], others: list[str], limit_hours: float | None) -> t
     cmds = command(chosen)
     lines.append(one_liner(cmds) if cmds else "no cell fits; raise --hours")
     if cmds:
-        lines.append("then `dvc repro -s aggregate` for the report; `python -m src.plan --hours N --run` runs it.")
+        lines.append("then `dvc repro -s aggregate` for the report; `python -m src.run.plan --hours N --run` runs it.")
     return lines, cmds
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m src.plan", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m src.run.plan", description=__doc__.splitlines()[0])
     ap.add_argument("--hours", type=float, help="only the cheapest stale cells that finish in this many hours here")
     ap.add_argument("--run", action="store_true", help="then run it (the --hours cells, or plain `dvc repro`)")
     a = ap.parse_args(argv)

@@ -1,10 +1,10 @@
 """Train many cells at once on one accelerator for a fixed wall-clock window, then pack what came of it.
 
-    python -m src.window --device cuda --minutes 10 [--cells 0-cnn-r,0-st_cnn-r|@plan.json] [--profile full]
+    python -m src.ops.window --device cuda --minutes 10 [--cells 0-cnn-r,0-st_cnn-r|@plan.json] [--profile full]
                          [--jobs N] [--out DIR] [--set key=value ...]
-    python -m src.window --plan bench.json --minutes 7 [--cells ...]   # cost order and what fits, → plan.json
-    python -m src.window --unpack DIR [--commit]                       # bring packed results into place here
-    python -m src.window --prepare [--cells ...]                       # what the next window carries (.window/)
+    python -m src.ops.window --plan bench.json --minutes 7 [--cells ...]   # cost order and what fits, → plan.json
+    python -m src.ops.window --unpack DIR [--commit]                       # bring packed results into place here
+    python -m src.ops.window --prepare [--cells ...]                       # what the next window carries (.window/)
 
 Why: an accelerator is lent for minutes at a time, and the CNN family needs it. Each cell runs as the
 dvc.yaml train stage's own command (read from dvc.yaml, so its records land exactly where
@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from src.cell import Cell
 from src.runinfo import REPO, UserError, write_atomic, write_json
 
 MIB = 1 << 20
@@ -45,14 +46,6 @@ RUN_TOTAL_BYTES = 52 * MIB    # every runs tarball together: the rest of the 64 
 MAX_RUN_CHUNKS = MAX_RETURN_FILES - 4  # summary, records, logs and one transcript of the calling script
 STOPPED = re.compile(r"stopped by (SIG\w+) at step (\d+)")
 RECORD_DIRS = ("reports/metrics/", "reports/curves/", "reports/cells/")
-
-
-@dataclass
-class Cell:
-    name: str
-    seed: int
-    model: str
-    data: str
 
 
 @dataclass
@@ -77,7 +70,7 @@ def parse_cells(spec: str | None, root: Path) -> list[Cell]:
 
     if spec is None:
         grid = yaml.safe_load((REPO / "params.yaml").read_text())
-        names = [f"0-{m}-{d}" for d in grid["distortions"] for m in grid["models"] if "cnn" in m]
+        names = [Cell(0, m, d).name for d in grid["distortions"] for m in grid["models"] if "cnn" in m]
     elif spec.startswith("@"):
         path = root / spec[1:]
         try:
@@ -90,11 +83,14 @@ def parse_cells(spec: str | None, root: Path) -> list[Cell]:
     datas = {p.stem for p in (REPO / "conf" / "data").glob("*.yaml")}
     cells = []
     for n in names:
-        parts = n.split("-")
-        if len(parts) != 3 or not parts[0].isdigit() or parts[1] not in models or parts[2] not in datas:
+        try:
+            cell = Cell.parse(n)
+        except ValueError:
+            cell = None
+        if cell is None or cell.model not in models or cell.data not in datas:
             raise UserError(f"cell '{n}' is not <seed>-<model>-<data> (models: {', '.join(sorted(models))}; "
                             f"data: {', '.join(sorted(datas))})")
-        cells.append(Cell(n, int(parts[0]), parts[1], parts[2]))
+        cells.append(cell)
     if len({c.name for c in cells}) != len(cells):
         raise UserError("a cell is named twice in --cells")
     if not cells:
@@ -415,7 +411,7 @@ def check_record_data(cell_dir: Path, data_dir: Path) -> str | None:
     """Why a record cannot be committed here (trained on other test data), or None."""
     import torch
 
-    data = cell_dir.name.split("-")[2]
+    data = Cell.parse(cell_dir.name).data
     manifest = data_dir / data / "manifest.json"
     try:
         want = json.loads(manifest.read_text())["files"]["test.pt"]["sha256"]
@@ -554,7 +550,7 @@ def prepare(a: argparse.Namespace, cells: list[Cell], root: Path) -> None:
 # ------------------------------------------------------------------ the command line
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m src.window", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m src.ops.window", description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--minutes", type=float, default=10.0, help="wall-clock limit of the training (default 10)")
     ap.add_argument("--cells", help="comma-separated <seed>-<model>-<data>, or @plan.json (default: seed-0 CNN family)")

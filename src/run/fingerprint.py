@@ -1,18 +1,18 @@
 """The result fingerprint: a hash of what the training code computes, per model and distortion.
 
-``python -m src.fingerprint`` trains every model of the grid for a few hundred steps on a small
+``python -m src.run.fingerprint`` trains every model of the grid for a few hundred steps on a small
 synthetic digit set under every distortion, through the same pieces a cell uses (the stage's
 generator, fresh draws of the datamodule, the network builder, ``Classifier.loss``, its optimiser
 and schedule, stepped as ``Classifier.training_step`` steps them; tests/test_train.py shows that
 Lightning's loop computes exactly this), and hashes the final weights and the logits of a fixed
 distorted batch.
-``src/fingerprint.json`` holds the committed hashes; ``tests/test_fingerprint.py`` compares.
+``src/run/fingerprint.json`` holds the committed hashes; ``tests/test_fingerprint.py`` compares.
 
 A change that keeps every hash leaves every result bit-identical, so committed cells may be
 re-locked with ``dvc commit -f`` (say so in the commit message); a change that moves a hash
 retrains the cells it touches. The hashes must not depend on the machine: the computation runs in
 a child process pinned to portable kernels (ATen's default capability, MKL's compatible code path,
-oneDNN off, one thread), which is what ``python -m src.fingerprint`` does by default.
+oneDNN off, one thread), which is what ``python -m src.run.fingerprint`` does by default.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1",
                 "MKL_NUM_THREADS": "1", "DNNL_MAX_CPU_ISA": "SSE41"}
-FILE = Path(__file__).resolve().with_suffix(".json")  # src/fingerprint.json, a dependency of every train cell
+FILE = Path(__file__).resolve().with_suffix(".json")  # src/run/fingerprint.json, a dependency of every train cell
 STEPS, BATCH, N_DIGITS, N_EVAL = 200, 8, 64, 32
 SMALL_CANVAS = 42  # TC's 60×60 canvas shrunk to RTS's: the smallest on which every network of the grid builds
 
@@ -90,22 +90,22 @@ def all_hashes(only: list[str] | None = None) -> dict[str, str]:
     """Hashes of every (model, distortion) of conf/, or of the cells named in ``only``."""
     import torch
 
-    from src.config import cell_name
+    from src.cell import Cell
     from src.runinfo import REPO
 
     torch.backends.mkldnn.enabled = False
     torch.set_num_threads(1)
     models = sorted(p.stem for p in (REPO / "conf/model").glob("*.yaml"))
     distortions = sorted(p.stem for p in (REPO / "conf/data").glob("*.yaml"))
-    cells = {cell_name(m, d, 0): (m, d) for d in distortions for m in models}
+    cells = {Cell(0, m, d).name: (m, d) for d in distortions for m in models}
     return {k: cell_hash(*md) for k, md in cells.items() if only is None or k in only}
 
 
 def pinned(only: list[str] | None = None, parent_env: dict[str, str] | None = None) -> dict[str, str]:
     """The hashes, computed in a child process pinned to portable kernels, whatever ``parent_env`` says."""
     child_env = {**os.environ, **(parent_env or {}), **PORTABLE_ENV}
-    cmd = [sys.executable, "-m", "src.fingerprint", "--here", *(["--only", ",".join(only)] if only else [])]
-    r = subprocess.run(cmd, cwd=FILE.parents[1], env=child_env, capture_output=True, text=True, timeout=1800)
+    cmd = [sys.executable, "-m", "src.run.fingerprint", "--here", *(["--only", ",".join(only)] if only else [])]
+    r = subprocess.run(cmd, cwd=FILE.parents[2], env=child_env, capture_output=True, text=True, timeout=1800)
     if r.returncode:
         raise RuntimeError(f"fingerprint child failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout)

@@ -8,8 +8,6 @@ before a run directory, a checkpoint or a record is touched.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from numbers import Integral, Real
 
@@ -18,7 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from src.runinfo import UserError
 
 # ``model.precision``: Lightning's precision of the cell's training (float32, or bfloat16 autocast with the
-# transformer's grid and sampler in float32); src.fingerprint runs the same autocast.
+# transformer's grid and sampler in float32); src.run.fingerprint runs the same autocast.
 PRECISIONS = ("32-true", "bf16-mixed")
 
 def precision_of(config: dict) -> str:
@@ -28,50 +26,10 @@ def precision_of(config: dict) -> str:
                or "32-true")
 
 
-# Keys that change where a run writes or how it talks, not what it computes.
-NON_RESULT_KEYS = ("paths", "quiet", "resume", "hydra", "guard")
-
-
 class ConfigError(UserError):
     """A config value outside what is allowed: one line, exit code 2."""
 
     exit_code = 2
-
-
-def cell_name(model: str, data: str, seed: int) -> str:
-    """The one name of a cell: DVC's stage key (``train@<name>``), its report files and its run dir.
-
-    Seed first, so that ``dvc repro`` (which runs a matrix in order) trains every seed-0 cell first.
-    """
-    return f"{seed}-{model}-{data}"
-
-
-def run_cell(cfg) -> str:
-    """The cell name of a run's config; a sensitivity variant (conf/experiment/sensitivity/) names its own, as
-    some variants change the networks or the digits rather than the data's name."""
-    data = OmegaConf.select(cfg, "sensitivity.variant", default=None) or cfg.data.name
-    return cell_name(cfg.model.name, data, cfg.seed)
-
-
-def result_config(cfg) -> dict:
-    """The resolved config minus the keys that do not change the result."""
-    if isinstance(cfg, DictConfig):  # drop before resolving: paths.run_dir itself resolves this hash
-        return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in NON_RESULT_KEYS]),
-                                      resolve=True)
-    return {k: v for k, v in dict(cfg).items() if k not in NON_RESULT_KEYS}
-
-
-def config_hash(cfg, n: int = 10) -> str:
-    """Short hash of the result-defining config: exploratory runs of different configs never share a directory."""
-    return hashlib.sha256(json.dumps(result_config(cfg), sort_keys=True).encode()).hexdigest()[:n]
-
-
-def _config_hash_resolver(*, _root_: DictConfig) -> str:
-    return config_hash(_root_)
-
-
-if not OmegaConf.has_resolver("config_hash"):
-    OmegaConf.register_new_resolver("config_hash", _config_hash_resolver)
 
 
 # ------------------------------------------------------------------ validation

@@ -6,8 +6,8 @@ resumes; a record made under another config (any other override) is retrained. T
 written into reports/decisions.md between the markers below. Only validation error is read here:
 the test set plays no part in a decision.
 
-    python -m src.decide                                 # FCN on R, 40k steps (trainer=short)
-    python -m src.decide model=st_fcn trainer=quick      # any other model / budget
+    python -m src.report.decide                                 # FCN on R, 40k steps (trainer=short)
+    python -m src.report.decide model=st_fcn trainer=quick      # any other model / budget
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 
-from src.config import result_config
-from src.runinfo import REPO, UserError, compose_config, write_atomic
+from src.runinfo import REPO, UserError, compose_config, result_config, write_atomic
 
 MOMENTA = (0.0, 0.9)
 MODES = ("fixed", "fresh")
@@ -71,10 +70,10 @@ def write_table(rows: list[dict], overrides: list[str]) -> None:
     best = df.loc[df["val err % (last)"].idxmin()]
     block = (f"### {title}\n\n{df.to_markdown(index=False)}\n\nLowest validation error: momentum "
              f"{best['momentum']:g}, `loader.mode={best['loader.mode']}`. "
-             f"Rebuild: `python -m src.decide {' '.join(overrides)}`.\n")
+             f"Rebuild: `python -m src.report.decide {' '.join(overrides)}`.\n")
     page = PAGE.read_text()
     if BEGIN not in page:
-        page = page.rstrip() + f"\n\n## Validation comparison (`python -m src.decide`)\n\n{BEGIN}\n{END}\n"
+        page = page.rstrip() + f"\n\n## Validation comparison (`python -m src.report.decide`)\n\n{BEGIN}\n{END}\n"
     head, rest = page.split(BEGIN, 1)
     inner, tail = rest.split(END, 1)
     blocks = [b for b in re.split(r"(?=^### )", inner.strip(), flags=re.M) if b.strip()]

@@ -19,9 +19,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from omegaconf import OmegaConf
 
-from src.config import cell_name
-from src.records import segment_commits
-from src.records import load_record
+from src.cell import Cell
+from src.report.records import segment_commits
+from src.report.records import load_record
 from src.runinfo import UserError, compose_config
 
 # family → params.yaml ``sensitivity`` key of its models, as dvc.yaml's sens_<family> matrices read them
@@ -84,7 +84,7 @@ def collect(params: dict, reports: Path, data_dir: Path) -> pd.DataFrame:
     """One row per cell of the study: its numbers where its record is complete (and checked), else not run."""
     rows = []
     for v, model, seed in grid(params):
-        key = cell_name(model, v.name, seed)
+        key = Cell(seed, model, v.name, "sensitivity").name
         row = {"family": v.family, "line": v.line, "x": v.x, "variant": v.name, "main": v.main, "model": model,
                "key": key, "run": False}
         rec = load_record(reports, key)

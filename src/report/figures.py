@@ -126,3 +126,31 @@ def draw_warps(st: SpatialTransformer, images: torch.Tensor, theta: torch.Tensor
     path = Path(path)
     write_atomic(path, buf.getvalue())  # never a truncated PNG
     return path
+
+
+def draw_preview(images: torch.Tensor, labels: torch.Tensor, name: str, path) -> Path:
+    """An 8-wide mosaic of a dataset's first test images (uint8 (N, 1, S, S)) with their labels: what the
+    distortion looks like, drawn from the stored files by the data report, never by the stage that makes them."""
+    n, _, s, _ = images.shape
+    cols = 8
+    rows = -(-n // cols)
+    pad = 2
+    mosaic = torch.full((rows * (s + pad) - pad, cols * (s + pad) - pad), 0.35)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        mosaic[r * (s + pad):r * (s + pad) + s, c * (s + pad):c * (s + pad) + s] = images[i, 0].float() / 255
+    fig = Figure(figsize=(6, 6 * mosaic.shape[0] / mosaic.shape[1] + 0.4), dpi=120)
+    ax = fig.subplots()
+    ax.imshow(mosaic.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    for i in range(n):
+        r, c = divmod(i, cols)
+        ax.text(c * (s + pad) + 1, r * (s + pad) + 1, str(int(labels[i])), color="#ffcc00", fontsize=7,
+                va="top", ha="left")
+    ax.set_axis_off()
+    ax.set_title(f"{name.upper()}: first {n} test images ({s}×{s}), label top-left", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    path = Path(path)
+    write_atomic(path, buf.getvalue())
+    return path

@@ -1,0 +1,69 @@
+"""A cell of the study, named in one place: one seed of one model on one dataset, in one part of the report.
+
+Its name ``<seed>-<model>-<data>`` is DVC's stage key (``train@0-fcn-r``), its run directory and the stem of its
+record files. Seed first, so that ``dvc repro`` (which runs a matrix in order) trains every seed-0 cell first.
+``data`` is a distortion (conf/data/) or, in the sensitivity study, a variant (conf/experiment/sensitivity/), which
+may change the networks or the digits rather than the data's name. Model and data names hold no ``-``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import OmegaConf
+
+# budget → (DVC stage of its cells, folder of their records under reports/ and of their run dirs under runs/)
+BUDGETS = {
+    "full": ("train", ""),               # Table 1: trainer=<params.yaml profile>
+    "short": ("short", "short"),         # the reduced-budget section: trainer=short
+    "sensitivity": ("sens", "sensitivity"),  # the sensitivity study: sens_<p|e|rts>, trainer=short
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    seed: int
+    model: str
+    data: str
+    budget: str = "full"
+
+    def __post_init__(self):
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget '{self.budget}' is not one of {', '.join(BUDGETS)}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.seed}-{self.model}-{self.data}"
+
+    @classmethod
+    def parse(cls, name: str, budget: str = "full") -> Cell:
+        """The cell of a name ``<seed>-<model>-<data>``; ValueError where a name is not one."""
+        parts = name.split("-")
+        if len(parts) != 3 or not parts[0].isdigit() or not all(parts):
+            raise ValueError(f"cell '{name}' is not <seed>-<model>-<data>")
+        return cls(int(parts[0]), parts[1], parts[2], budget)
+
+    @classmethod
+    def of(cls, cfg, budget: str = "full") -> Cell:
+        """The cell a run's config trains; a sensitivity variant (its ``sensitivity.variant``) names the data and
+        the budget."""
+        variant = OmegaConf.select(cfg, "sensitivity.variant", default=None)
+        return cls(int(cfg.seed), str(cfg.model.name), variant or str(cfg.data.name),
+                   "sensitivity" if variant else budget)
+
+    @property
+    def folder(self) -> str:
+        """The cell's folder under reports/ and runs/ ("" for Table 1's cells)."""
+        return BUDGETS[self.budget][1]
+
+    @property
+    def key(self) -> str:
+        """A name unique across budgets (one figure folder holds them all): ``short-0-cnn-r``."""
+        return f"{self.folder}-{self.name}" if self.folder else self.name
+
+    def paths(self) -> dict[str, str]:
+        """What a pipeline cell writes, repo-relative: its run dir (checkpoints) and its record."""
+        reports = f"reports/{self.folder}/" if self.folder else "reports/"
+        runs = f"runs/{self.folder}/" if self.folder else "runs/"
+        return {"run_dir": f"{runs}{self.name}", "metrics_file": f"{reports}metrics/{self.name}.json",
+                "curve_file": f"{reports}curves/{self.name}.csv", "cell_dir": f"{reports}cells/{self.name}"}
