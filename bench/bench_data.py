@@ -47,7 +47,8 @@ from src.data.datamodule import quantize as quantize_float  # noqa: E402
 from src.data.distort import CHUNK, generate_split, split_seed  # noqa: E402
 from src.data.mnist import SPLITS, load_raw  # noqa: E402
 from src.data.warps import FRAME, distort_batch, px_unit, recipe, warp_of  # noqa: E402
-from src.runinfo import compose_config, device_name  # noqa: E402
+from src.runinfo import device_name  # noqa: E402
+from src.config import compose_config  # noqa: E402
 from src.stn.grids import tps_control_points  # noqa: E402
 
 NAMES = ("r", "rts", "p", "e", "tc")

@@ -40,7 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from src.data.warps import distort_batch, recipe, warp_of  # noqa: E402
-from src.runinfo import UserError, compose_config, device_name, git_commit, versions, write_atomic  # noqa: E402
+from src.models.module import sgd_step  # noqa: E402
+from src.runinfo import UserError, device_name, git_commit, versions, write_atomic  # noqa: E402
+from src.config import compose_config  # noqa: E402
 from src.stn.transformer import SpatialTransformer  # noqa: E402
 
 SIZES = (28, 42, 60)
@@ -196,13 +198,7 @@ def step_fn(net: nn.Module, hw: int, dev, bf16: bool = False):
     x = torch.rand(BATCH, 1, hw, hw, generator=g).to(dev)
     y = torch.randint(0, 10, (BATCH,), generator=g).to(dev)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-
-    def run():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            F.cross_entropy(net(x), y).backward()
-        opt.step()
-    return run
+    return lambda: sgd_step(opt, lambda: F.cross_entropy(net(x), y), bf16=dev.type if bf16 else None)
 
 
 class BareAffine(nn.Module):
@@ -314,10 +310,7 @@ def bench_loop(dev, steps: int, rounds: int, extra: list[str], model: str = "st_
             if split:
                 sync(dev)
             t1 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model_(x), y).backward()
-            opt.step()
-            sched.step()
+            sgd_step(opt, lambda: F.cross_entropy(model_(x), y), sched)
             if split:
                 sync(dev)
             t2 = time.perf_counter()

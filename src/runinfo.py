@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -229,74 +228,3 @@ def versions() -> dict[str, str]:
     import pytorch_lightning as pl
 
     return {"python": platform.python_version(), "torch": torch.__version__, "pytorch_lightning": pl.__version__}
-
-
-
-# ------------------------------------------------------------------ what a result is
-
-# Keys that change where a run writes or how it talks, not what it computes.
-NON_RESULT_KEYS = ("paths", "quiet", "resume", "hydra", "guard")
-
-
-def result_config(cfg) -> dict:
-    """The resolved config minus the keys that do not change the result."""
-    if isinstance(cfg, DictConfig):  # drop before resolving: paths.run_dir itself resolves this hash
-        return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in NON_RESULT_KEYS]),
-                                      resolve=True)
-    return {k: v for k, v in dict(cfg).items() if k not in NON_RESULT_KEYS}
-
-
-def result_hash(cfg, salt: str = "") -> str:
-    """The one hash of a result-defining config (sha256 hex), salted with the code's result fingerprint where
-    checkpoints must not cross code that changes results; its first 10 characters name an exploratory run's
-    directory (``${config_hash:}``), so runs of different configs never share one."""
-    return hashlib.sha256((json.dumps(result_config(cfg), sort_keys=True) + salt).encode()).hexdigest()
-
-
-def _config_hash(*, _root_) -> str:
-    return result_hash(_root_)[:10]
-
-
-def _cell(*, _root_) -> str:
-    from src.cell import Cell
-
-    return Cell.of(_root_).name
-
-
-# registered on import, as every config is composed after it: ``${config_hash:}``, ``${cell:}`` (an exploratory run's dir)
-for _name, _resolver in (("config_hash", _config_hash), ("cell", _cell)):
-    if not OmegaConf.has_resolver(_name):
-        OmegaConf.register_new_resolver(_name, _resolver)
-
-
-def compose_config(overrides: list[str], config_name: str = "config"):
-    """Compose ``conf/<config_name>.yaml`` with Hydra's compose API (no run dir, no ``outputs/``).
-
-    Used by the stage CLIs that are not Hydra apps; a bad override becomes a ``UserError``.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException, MissingConfigException
-
-    try:
-        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-            return compose(config_name, overrides=list(overrides))
-    except MissingConfigException as e:
-        group = (e.missing_cfg_file or "").split("/")[0]
-        given = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith(group + "=")), "?")
-        choices = ", ".join(e.options) if e.options else "see conf/"
-        raise UserError(f"unknown {group} '{given}'; choose one of: {choices}") from None
-    except (HydraException, ValueError) as e:
-        raise UserError(" ".join(str(e).split())) from None
-
-
-def stage_main(argv: list[str] | None, work) -> None:
-    """Entry point of a stage CLI: compose the config from ``argv``, run ``work(cfg)`` and print the
-    line it returns; a ``UserError`` becomes one ``error:`` line on stderr and exit status 1."""
-    try:
-        if "DVC_STAGE" in os.environ:
-            check_dvc_lock()
-        cfg = compose_config(sys.argv[1:] if argv is None else argv)
-        print(work(cfg))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)

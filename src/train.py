@@ -42,16 +42,15 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E402
 
-from src.run.callbacks import (CodeStamp, CurveRecorder, DivergenceGuard, ProgressLog, Segments, SignalStop,  # noqa: E402
-                           curve_csv)
 from src.cell import Cell  # noqa: E402
-from src.run.config import (ConfigError, added_keys, check_added_keys,  # noqa: E402
-                        validate)
+from src.config import ConfigError, added_keys, check_added_keys, compose_config, result_hash, validate  # noqa: E402
 from src.data.datamodule import DistortedMNIST  # noqa: E402
 from src.models.build import build_model  # noqa: E402
 from src.models.module import Classifier  # noqa: E402
-from src.runinfo import (REPO, UserError, atomic_dir, check_dvc_lock, compose_config, native_bf16, result_hash,  # noqa: E402
-                         sha256_file, uncommitted, versions, write_atomic, write_json)
+from src.run.callbacks import (CodeStamp, CurveRecorder, DivergenceGuard, ProgressLog, Segments, SignalStop,  # noqa: E402
+                               curve_csv)
+from src.runinfo import (REPO, UserError, atomic_dir, check_dvc_lock, native_bf16, sha256_file,  # noqa: E402
+                         uncommitted, versions, write_atomic, write_json)
 
 CONF_DIR = REPO / "conf"
 FINGERPRINT = REPO / "src" / "run" / "fingerprint.json"

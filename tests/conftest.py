@@ -62,7 +62,7 @@ def synthetic_data(tmp_path_factory):
     for split, d in raw.items():
         torch.save({**d, "params": {"angle": torch.zeros(len(d["labels"]))}}, out / f"{split}.pt")
         files[f"{split}.pt"] = {"sha256": sha256_file(out / f"{split}.pt")}
-    from src.runinfo import compose_config
+    from src.config import compose_config
 
     cfg = compose_config(["data=r"])  # the stage's manifest records the generation config the data came from
     (out / "manifest.json").write_text(json.dumps({"files": files, "align_corners": bool(cfg.stn.align_corners),

@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 import src.report.aggregate
 from src.report.aggregate import aggregate
 from src.cell import Cell
-from src.runinfo import REPO, compose_config, sha256_file
+from src.runinfo import REPO, sha256_file
+from src.config import compose_config
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 

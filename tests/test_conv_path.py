@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import src.train as train_mod
-from src.run.config import ConfigError, validate
+from src.config import ConfigError, compose_config, validate
 from src.data.datamodule import DistortedMNIST
 from src.run.fingerprint import synthetic_digits
 from src.models.build import build_model
 from src.models.conv import OneChannelConv2d, _OneChannelConv
-from src.runinfo import REPO, compose_config
+from src.runinfo import REPO
 from src.train import train
 
 sys.path.insert(0, str(REPO / "bench"))

@@ -13,7 +13,8 @@ import torch
 
 from src.data.datamodule import DistortedMNIST
 from src.data.mnist import DataError, load_raw, save_raw
-from src.runinfo import compose_config, sha256_file
+from src.runinfo import sha256_file
+from src.config import compose_config
 from src.train import REPO, train
 
 

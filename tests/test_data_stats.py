@@ -11,7 +11,8 @@ import torch
 from src.data import distort
 from src.report import data_stats as stats
 from src.data.distort import load_split
-from src.runinfo import UserError, compose_config
+from src.runinfo import UserError
+from src.config import compose_config
 
 
 def distort_into(tmp_path, name: str, raw, *overrides: str):

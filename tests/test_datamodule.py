@@ -7,7 +7,8 @@ import torch
 from omegaconf import OmegaConf
 
 from src.data.datamodule import DistortedMNIST
-from src.runinfo import UserError, compose_config
+from src.runinfo import UserError
+from src.config import compose_config
 
 
 def module(synthetic_data, *overrides, mode="fresh", seed=0):

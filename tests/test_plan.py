@@ -14,7 +14,8 @@ import pytorch_lightning as pl
 
 import src.run.plan as plan_mod
 from src.run.plan import Cell, command, fit, load_bench, md_tables, plan, project, report
-from src.runinfo import REPO, compose_config
+from src.runinfo import REPO
+from src.config import compose_config
 from src.train import train
 
 AMD = "AMD EPYC (2 cores, 1 threads)"

@@ -58,8 +58,7 @@ def test_a_bad_value_is_one_line_exit_2_and_writes_nothing(smoke, tmp_path, over
 
 
 def test_what_a_bad_transform_or_batch_size_line_says():
-    from src.run.config import ConfigError, validate
-    from src.runinfo import compose_config
+    from src.config import ConfigError, compose_config, validate
     from src.stn.grids import GRIDS
 
     with pytest.raises(ConfigError, match="model.transform='xyz'.*null or one of " + ", ".join(sorted(GRIDS)) + "$"):
@@ -80,7 +79,7 @@ def test_what_a_bad_transform_or_batch_size_line_says():
     (["-m", "+trainer.max_step=10,20"], "trainer.max_step"), (["--cfg", "job", "+trainer.max_step=10"], "trainer.max_step"),
 ])
 def test_a_key_added_with_plus_that_the_config_lacks_is_refused(args, key):
-    from src.run.config import ConfigError
+    from src.config import ConfigError
     from src.train import check_overrides
 
     with pytest.raises(ConfigError, match=rf"^\+*{key}=\S+: unknown key {key} "):
@@ -219,7 +218,7 @@ def append(path: Path, text: str = "# edited\n") -> None:
 
 
 def test_a_pipeline_cell_refuses_uncommitted_sources_an_exploratory_run_records_them(smoke, tmp_path, clone):
-    for f in ("conf/optim/sgd.yaml", "dvc.yaml", "params.yaml", "src/run/callbacks.py", "src/run/config.py", "src/train.py",
+    for f in ("conf/optim/sgd.yaml", "dvc.yaml", "params.yaml", "src/config.py", "src/run/callbacks.py", "src/train.py",
               "src/report/aggregate.py"):  # the last is report code, no dependency of a cell
         append(clone / f)
     (clone / "src/models/extra.py").write_text("")  # untracked, where the cell's code lives
@@ -227,7 +226,7 @@ def test_a_pipeline_cell_refuses_uncommitted_sources_an_exploratory_run_records_
     r = run_cli(*smoke, cwd=clone, env={**env, "DVC_STAGE": "train@0-fcn-r"})
     assert r.returncode == 2
     assert one_error_line(r).startswith("error: train@0-fcn-r: uncommitted changes to conf/optim/sgd.yaml, dvc.yaml, "
-                                        "params.yaml, src/run/callbacks.py, src/run/config.py and 2 more;"), r.stderr
+                                        "params.yaml, src/config.py, src/models/extra.py and 2 more;"), r.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["repo"] and not (clone / "outputs").exists()
 
     r = run_cli(*smoke, cwd=clone, env=env)  # the same run outside the pipeline
@@ -379,7 +378,7 @@ def unwritable(path: Path):
                                         ("m", "paths.metrics_file"), ("c", "paths.curve_file"),
                                         ("cells", "paths.cell_dir")])
 def test_an_unwritable_output_is_one_line_exit_2_before_anything_is_written(smoke, tmp_path, place, key):
-    from src.runinfo import compose_config
+    from src.config import compose_config
     from src.train import checkpoint_dir
 
     args = [a for a in smoke if not a.startswith(("paths.metrics_file", "paths.curve_file", "paths.cell_dir"))]
@@ -464,7 +463,7 @@ def test_a_checkpoint_without_a_code_stamp_resumes_unchecked(tmp_path, caplog, m
     import torch
 
     from src.run import fingerprint
-    from src.runinfo import compose_config
+    from src.config import compose_config
     from src.train import check_same_code, code_hashes
 
     monkeypatch.setattr(fingerprint, "holds", lambda cell: pytest.fail("no fingerprint needed"))

@@ -15,10 +15,10 @@ from conftest import synthetic_digits
 
 from src.report import sensitivity
 from src.cell import Cell
-from src.runinfo import result_config
+from src.config import ConfigError, compose_config, result_config
 from src.data.distort import generate_split
 from src.data.warps import FRAME
-from src.runinfo import REPO, UserError, compose_config
+from src.runinfo import REPO, UserError
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())["sensitivity"]
 VARIANTS = sorted({v for family in sensitivity.MODEL_LISTS for v in PARAMS[family]})
@@ -90,9 +90,9 @@ def test_the_60k_variant_trains_on_the_validation_digits_too(synthetic_data):
         dm = DistortedMNIST(cfg.data, cfg.loader, cfg.paths, False, 0)
         dm.setup("fit")
         assert len(dm.train_labels) == n
-    cfg.loader.train_digits = "val"
-    with pytest.raises(UserError, match="loader.train_digits"):
-        DistortedMNIST(cfg.data, cfg.loader, cfg.paths, False, 0)
+    for bad in (["+loader.train_digits=val"], ["+loader.train_digits=train+val", "loader.mode=fixed"]):
+        with pytest.raises(ConfigError, match="loader.train_digits"):  # the config refuses them, before any data
+            compose_config(bad)
 
 
 # ------------------------------------------------------------------ the report

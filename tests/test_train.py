@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from src.run.callbacks import Stopped
-from src.models.module import Classifier
-from src.runinfo import compose_config
+from src.models.module import Classifier, sgd_step
+from src.config import compose_config
 from src.models.build import build_model
 from src.train import CONF_DIR, REPO, run_fingerprint, train
 
@@ -282,9 +282,6 @@ def test_the_lightning_loop_computes_exactly_the_written_out_step(smoke, tmp_pat
     dm2 = DistortedMNIST(cfg.data, cfg.loader, cfg.paths, bool(cfg.stn.align_corners), cfg.seed)
     dm2.setup("fit")
     for step in range(40):
-        opt.zero_grad(set_to_none=True)
-        plain.loss(dm2.train_batch(step)).backward()
-        opt.step()
-        sched.step()
+        sgd_step(opt, lambda: plain.loss(dm2.train_batch(step)), sched)
     a, b = net.state_dict(), plain_net.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -15,7 +15,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from src.runinfo import REPO, compose_config
+from src.runinfo import REPO
+from src.config import compose_config
 from src.cell import Cell
 from src.ops.window import cell_args, main as window_main, rebase_checkpoint
 

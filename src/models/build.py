@@ -11,11 +11,7 @@ from src.runinfo import UserError
 def build_model(cfg: DictConfig) -> tuple[Net, int | None]:
     """Returns (net, budget); budget is None under ``budget.rule: none``."""
     in_hw = (int(cfg.data.canvas), int(cfg.data.canvas))
-    budget = None
-    if cfg.budget.rule == "match":
-        budget = classifier_params(cfg.budget.family, in_hw, list(cfg.budget.widths))
-    elif cfg.budget.rule != "none":
-        raise UserError(f"budget.rule must be 'match' or 'none', got {cfg.budget.rule!r}")
+    budget = classifier_params(cfg.budget.family, in_hw, list(cfg.budget.widths)) if cfg.budget.rule == "match" else None
     net = build_net(cfg.model, in_hw, budget, cfg.stn, int(cfg.data.st_downsample))
     n = net.param_counts()["total"]
     if budget is not None and abs(n / budget - 1) > cfg.budget.tol:

@@ -1,17 +1,19 @@
 """LightningModule: one network of the study, SGD on the paper's step schedule, error in %.
 
 No per-step logging or host synchronisation: the training loss is summed on the device and read
-once per validation (which also checks it is finite). The optimisation step is written out
-(zero_grad, backward, SGD step, schedule step: what Lightning's automatic optimisation does, in
-that order) to spare its per-step closure machinery, and the step pulls its own batch, so that
-Lightning fetches none ahead of it. Evaluation goes through ``self.log``
+once per validation (which also checks it is finite). The optimisation step is written out once,
+in :func:`sgd_step` (what Lightning's automatic optimisation does, without its per-step closure
+machinery), for this module, the result fingerprint and the benchmarks; the step pulls its own
+batch, so that Lightning fetches none ahead of it. Evaluation goes through ``self.log``
 (batch-size-weighted epoch means); the test pass also keeps every image's prediction and, for ST
 models, its θ: the raw outcomes from which the report derives its tables and figures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -20,6 +22,22 @@ import torch.nn.functional as F
 from src.models.nets import Net
 from src.runinfo import UserError
 from src.stn.stats import theta_stats
+
+
+def sgd_step(opt: torch.optim.Optimizer, loss_of: Callable[[], torch.Tensor], sched=None, *,
+             backward: Callable[[torch.Tensor], None] = torch.Tensor.backward, bf16: str | None = None) -> torch.Tensor:
+    """One optimisation step in the order of Lightning's automatic optimisation: zero the gradients, the loss
+    ``loss_of()`` and its backward, the SGD step, the schedule step; returns the loss. ``bf16`` (a device type)
+    runs the loss and backward in bfloat16 autocast, as Lightning's ``bf16-mixed`` runs the module's step (inside
+    Lightning, which opens that autocast itself, it stays None)."""
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(bf16, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        loss = loss_of()
+        backward(loss)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return loss
 
 
 class NonFiniteLoss(UserError):
@@ -58,12 +76,8 @@ class Classifier(pl.LightningModule):
         batch = self.trainer.precision_plugin.convert_input(batch)
         if batch[0].device != self.device:
             batch = self.trainer.strategy.batch_to_device(batch)
-        opt, sched = self.optimizers(), self.lr_schedulers()
-        opt.zero_grad(set_to_none=True)
-        loss = self.loss(batch)
-        self.manual_backward(loss)
-        opt.step()
-        sched.step()
+        loss = sgd_step(self.optimizers(), lambda: self.loss(batch), self.lr_schedulers(),
+                        backward=self.manual_backward)
         if self.global_step == 1:  # counted by opt.step()
             self._first_loss = loss.detach()
         self._loss_sum = self._loss_sum.to(loss.device) + loss.detach()

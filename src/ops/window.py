@@ -123,7 +123,7 @@ def arg_value(args: list[str], key: str) -> str:
 
 def checkpoint_dir(args: list[str], root: Path) -> Path:
     """``<run_dir>/<fingerprint12>/checkpoints`` of this exact command: the one ``src.train`` resumes from."""
-    from src.runinfo import compose_config
+    from src.config import compose_config
     from src.train import run_fingerprint
 
     return root / arg_value(args, "paths.run_dir") / run_fingerprint(compose_config(args))[:12] / "checkpoints"
@@ -474,7 +474,7 @@ def plan(a: argparse.Namespace, cells: list[Cell], root: Path) -> dict:
     is projected to end when ``jobs`` run at once, each ``contention``× slower than alone."""
     import yaml
 
-    from src.runinfo import compose_config
+    from src.config import compose_config
 
     per_step = {}
     if a.plan and (root / a.plan).is_file():
@@ -609,7 +609,7 @@ def main(argv: list[str] | None = None) -> None:
 
             if not torch.cuda.is_available():
                 raise UserError("--device cuda but torch sees no CUDA device; use --device cpu to rehearse")
-        from src.runinfo import compose_config
+        from src.config import compose_config
 
         compose_config(cell_args(cells[0], a.profile, a.device == "cuda", a.set))  # a bad --set: one line, now
         pipeline = yaml.safe_load((REPO / "params.yaml").read_text())["profile"]

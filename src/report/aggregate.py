@@ -36,7 +36,8 @@ from src.cell import Cell  # noqa: E402
 from src.report.data_stats import nist_halves  # noqa: E402
 from src.report.records import (INVARIANCE, MIN_BIN_IMAGES, N_BINS, binned_error, correct, load_record,  # noqa: E402
                          segment_commits, test_split, theta_summary, transformer)
-from src.runinfo import REPO, UserError, check_dvc_lock, compose_config, write_atomic, write_json  # noqa: E402
+from src.runinfo import REPO, UserError, check_dvc_lock, write_atomic, write_json  # noqa: E402
+from src.config import compose_config  # noqa: E402
 
 ROW_LABELS = {
     "fcn": "FCN", "cnn": "CNN",

@@ -25,7 +25,8 @@ from src.data.distort import load_split
 from src.data.mnist import load_raw
 from src.data.warps import DIGIT, FRAME, _sampling_homography, _square_to_quad_np, apply_projective, px_unit, recipe
 from src.report.figures import draw_preview
-from src.runinfo import REPO, UserError, atomic_dir, stage_main, write_atomic
+from src.runinfo import REPO, UserError, atomic_dir, write_atomic
+from src.config import stage_main
 
 BORDER_INK = 0.3  # a stroke "touches the border" when a pixel of the outermost ring is brighter than this
 FAR_CORNER_PX = 10.0  # a corner moved further than this (Euclidean) is a strong perspective

@@ -22,7 +22,8 @@ from pathlib import Path
 import pandas as pd
 
 
-from src.runinfo import REPO, UserError, compose_config, result_config, write_atomic
+from src.runinfo import REPO, UserError, write_atomic
+from src.config import compose_config, result_config
 
 MOMENTA = (0.0, 0.9)
 MODES = ("fixed", "fresh")

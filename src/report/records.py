@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-from src.run.config import precision_of
+from src.config import precision_of
 from src.runinfo import UserError, load_checked
 
 

@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from src.cell import Cell
 from src.report.records import segment_commits
 from src.report.records import load_record
-from src.runinfo import UserError, compose_config
+from src.runinfo import UserError
+from src.config import compose_config
 
 # family → params.yaml ``sensitivity`` key of its models, as dvc.yaml's sens_<family> matrices read them
 MODEL_LISTS = {"p": "models", "e": "models", "rts": "rts_models"}

@@ -56,8 +56,8 @@ def cell_hash(model: str, data: str) -> str:
     from src.data.datamodule import DistortedMNIST, to_float
     from src.data.distort import generate_split
     from src.models.build import build_model
-    from src.models.module import Classifier
-    from src.runinfo import compose_config
+    from src.models.module import Classifier, sgd_step
+    from src.config import compose_config
 
     small = [f"data.canvas={SMALL_CANVAS}"] if compose_config([f"data={data}"]).data.canvas > SMALL_CANVAS else []
     cfg = compose_config([f"model={model}", f"data={data}", *small, "trainer=smoke", f"trainer.max_steps={STEPS}",
@@ -69,12 +69,9 @@ def cell_hash(model: str, data: str) -> str:
     dm.set_train(synthetic_digits(N_DIGITS, 1), torch.arange(N_DIGITS) % 10)
     opt_cfg = module.configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+    bf16 = "cpu" if cfg.model.precision == "bf16-mixed" else None  # Lightning's bf16-mixed: the step in autocast
     for step in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.model.precision == "bf16-mixed"):
-            module.loss(dm.train_batch(step)).backward()  # Lightning's bf16-mixed: the whole step in autocast
-        opt.step()
-        sched.step()
+        sgd_step(opt, lambda: module.loss(dm.train_batch(step)), sched, bf16=bf16)
     eval_u8, _ = generate_split(synthetic_digits(N_EVAL, 2), cfg.data, 7, bool(cfg.stn.align_corners),
                                 pool=synthetic_digits(N_EVAL, 3))
     h = hashlib.sha256()

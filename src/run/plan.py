@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from src.run.config import precision_of
+from src.config import precision_of
 from src.runinfo import REPO, UserError, check_dvc_lock
 
 REACH_HOURS = 24.0  # a cell projected beyond this on a CPU: the GPU window or the cluster

@@ -1,23 +1,30 @@
-"""What a run's config means: its cell name, the part that defines the result, and the checks a
-config passes before anything is written.
+"""What a config is: composed from conf/ (the stage CLIs through :func:`compose_config`, ``python -m src.train``
+through Hydra), checked once against the one schema (:data:`SCHEMA`), and the part of it that defines a result,
+with its one hash.
 
 A bad value anywhere in the config (a typo on the command line, a broken conf file) becomes one
 line naming the key, the value and what is allowed, raised as ``ConfigError`` (exit code 2)
-before a run directory, a checkpoint or a record is touched.
+before a run directory, a checkpoint or a record is touched; the code below never checks it again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import sys
 from numbers import Integral, Real
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from src.runinfo import UserError
+from src.cell import Cell
+from src.runinfo import REPO, UserError, check_dvc_lock
 
 # ``model.precision``: Lightning's precision of the cell's training (float32, or bfloat16 autocast with the
 # transformer's grid and sampler in float32); src.run.fingerprint runs the same autocast.
 PRECISIONS = ("32-true", "bf16-mixed")
+
 
 def precision_of(config: dict) -> str:
     """The training precision a record's config names: ``model.precision``, or ``trainer.precision`` in records
@@ -30,6 +37,77 @@ class ConfigError(UserError):
     """A config value outside what is allowed: one line, exit code 2."""
 
     exit_code = 2
+
+
+# ------------------------------------------------------------------ what a result is
+
+# Keys that change where a run writes or how it talks, not what it computes.
+NON_RESULT_KEYS = ("paths", "quiet", "resume", "hydra", "guard")
+
+
+def result_config(cfg) -> dict:
+    """The resolved config minus the keys that do not change the result."""
+    if isinstance(cfg, DictConfig):  # drop before resolving: paths.run_dir itself resolves this hash
+        return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in NON_RESULT_KEYS]),
+                                      resolve=True)
+    return {k: v for k, v in dict(cfg).items() if k not in NON_RESULT_KEYS}
+
+
+def result_hash(cfg, salt: str = "") -> str:
+    """The one hash of a result-defining config (sha256 hex), salted with the code's result fingerprint where
+    checkpoints must not cross code that changes results; its first 10 characters name an exploratory run's
+    directory (``${config_hash:}``), so runs of different configs never share one."""
+    return hashlib.sha256((json.dumps(result_config(cfg), sort_keys=True) + salt).encode()).hexdigest()
+
+
+def _config_hash(*, _root_) -> str:
+    return result_hash(_root_)[:10]
+
+
+def _cell(*, _root_) -> str:
+    return Cell.of(_root_).name
+
+
+# registered on import, as every config is composed after it: ``${config_hash:}``, ``${cell:}`` (an exploratory run's dir)
+for _name, _resolver in (("config_hash", _config_hash), ("cell", _cell)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver)
+
+
+def compose_config(overrides: list[str], config_name: str = "config"):
+    """Compose ``conf/<config_name>.yaml`` with Hydra's compose API (no run dir, no ``outputs/``).
+
+    Used by the stage CLIs that are not Hydra apps; a bad override becomes a ``UserError``, a bad value a
+    ``ConfigError`` (:func:`validate`).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+
+    try:
+        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+            cfg = compose(config_name, overrides=list(overrides))
+    except MissingConfigException as e:
+        group = (e.missing_cfg_file or "").split("/")[0]
+        given = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith(group + "=")), "?")
+        choices = ", ".join(e.options) if e.options else "see conf/"
+        raise UserError(f"unknown {group} '{given}'; choose one of: {choices}") from None
+    except (HydraException, ValueError) as e:
+        raise UserError(" ".join(str(e).split())) from None
+    validate(cfg, run=False)  # a run validates again with its own overrides (src.train)
+    return cfg
+
+
+def stage_main(argv: list[str] | None, work) -> None:
+    """Entry point of a stage CLI: compose the config from ``argv``, run ``work(cfg)`` and print the
+    line it returns; a ``UserError`` becomes one ``error:`` line on stderr and exit status 1."""
+    try:
+        if "DVC_STAGE" in os.environ:
+            check_dvc_lock()
+        cfg = compose_config(sys.argv[1:] if argv is None else argv)
+        print(work(cfg))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 # ------------------------------------------------------------------ validation
@@ -98,6 +176,7 @@ SCHEMA = {
     "loader.eval_batch_size": _int(1),
     "loader.mode": _one_of("fresh", "fixed"),
     "loader.on_device": _bool,
+    "loader.train_digits": _one_of("train", "train+val"),  # train+val: the 60k digits, nothing held out
     "optim.lr": _real(0, lo_open=True),
     "optim.momentum": _real(0, 1, hi_open=True),
     "optim.weight_decay": _real(0),
@@ -132,8 +211,10 @@ SCHEMA = {
 }
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check types and ranges of every key in ``SCHEMA`` that the config has; raise ``ConfigError``."""
+def validate(cfg: DictConfig, run: bool = True) -> None:
+    """Check types and ranges of every key in ``SCHEMA`` that the config has, and the keys that must agree; raise
+    ``ConfigError``. ``run``: also that a batch fits in the training set (a stage that trains nothing, with
+    ``mnist.sizes`` of a test, has no batch to fit)."""
     for key, check in SCHEMA.items():
         node = OmegaConf.select(cfg, key, default="__absent__", throw_on_missing=False)
         if isinstance(node, str) and node == "__absent__":
@@ -145,15 +226,18 @@ def validate(cfg: DictConfig) -> None:
         ok, allowed = check(value)
         if not ok:
             raise ConfigError(f"{key}={value!r} is not allowed; it must be {allowed}")
-    t = cfg.trainer
-    if t.max_steps % t.val_check_interval:
+    if OmegaConf.select(cfg, "loader.train_digits", default="train") != "train" and cfg.loader.mode != "fresh":
+        raise ConfigError(f"loader.train_digits={cfg.loader.train_digits} is not allowed with loader.mode="
+                          f"{cfg.loader.mode}; it needs loader.mode=fresh")
+    t = OmegaConf.select(cfg, "trainer", default=None)
+    if t is not None and t.max_steps % t.val_check_interval:
         raise ConfigError(f"trainer.max_steps={t.max_steps} must be a multiple of trainer.val_check_interval="
                           f"{t.val_check_interval} (a checkpoint and a curve row at every validation)")
     # every training batch is drawn from the training split, whose size conf/mnist.yaml fixes (sizes[0])
     sizes = OmegaConf.select(cfg, "mnist.sizes", default=None)
     n_train = sizes[0] if isinstance(sizes, (list, ListConfig)) and sizes else None
     batch = OmegaConf.select(cfg, "loader.batch_size", default=None)
-    if isinstance(n_train, Integral) and isinstance(batch, Integral) and batch > n_train:
+    if run and isinstance(n_train, Integral) and isinstance(batch, Integral) and batch > n_train:
         raise ConfigError(f"loader.batch_size={batch} is not allowed; it must be at most the training set size, "
                           f"{n_train:,} images (mnist.sizes[0])")
 
