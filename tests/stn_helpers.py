@@ -16,11 +16,12 @@ import torch
 from omegaconf import OmegaConf
 
 from src.models.nets import build_net, classifier_params
+from src.stn.grids import GRIDS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-TRANSFORMS = ["aff", "proj", "tps"]
-ST_MODELS = ["st_fcn", "st_fcn_proj", "st_fcn_tps", "st_cnn", "st_cnn_proj", "st_cnn_tps"]
-ALL_MODELS = ["fcn", "cnn", *ST_MODELS]
+TRANSFORMS = sorted(GRIDS)  # every registered transform; each needs its identity in ``identity_theta``
+ALL_MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))  # every model config
+ST_MODELS = [m for m in ALL_MODELS if OmegaConf.load(CONF / "model" / f"{m}.yaml").transform is not None]
 SIZES = [(28, 1), (42, 2), (60, 2)]  # (input size, ST downsampling): R/P/E, RTS, TC
 
 

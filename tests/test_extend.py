@@ -1,9 +1,10 @@
-"""Adding a transform and a model family goes through exactly the path docs/extending.md describes.
+"""Adding a transform, a model family and a distortion goes through exactly the path docs/extending.md describes.
 
 A toy 'translation' transform (2 parameters) and a toy 'mlp_tanh' family are registered at runtime,
 built into a budget-matched ST network by ``build_net``, and checked like the study's own: identity
-at initialisation, statistics, caption, drawing lattice, config keys and closed-form count.
-Both registrations are undone afterwards.
+at initialisation, statistics, caption, drawing lattice, config keys and closed-form count; then through
+the report, with a toy distortion: row label, θ summary and test error binned by its recorded shift.
+Every registration is undone afterwards.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class TranslationGrid(GridGenerator):
     """θ = (tx, ty), scaled by ``scale`` (the ``stn.translation_scale`` key): x_in = x + scale·tx."""
 
     n_params = 2
+    label = "Translation"
     config_keys = {"translation_scale": "scale"}
 
     def __init__(self, out_hw, align_corners: bool, scale: float = 1.0):
@@ -161,3 +163,46 @@ def test_a_toy_distortion_through_the_documented_path():
         assert torch.equal(pa["dx"], pb["dx"]) and torch.allclose(a.double(), b)
     finally:
         del WARPS["shift"]
+
+
+def test_the_toy_model_and_distortion_reach_the_report(registered, tmp_path, monkeypatch):
+    """The report names the toy model from its config and the transform's ``label``, summarises its θ by the
+    transform's own ``summary``, and bins the toy distortion's test error by the measure that its line of
+    conf/report/invariance.yaml names: no report code learns the new names."""
+    import json
+
+    import src.report.aggregate as aggregate
+    from src.cell import Cell
+    from src.report import records
+    from src.runinfo import compose_config, sha256_file
+
+    name = MODEL["name"]
+    monkeypatch.setattr(aggregate, "model_config", lambda model: OmegaConf.create(MODEL))  # conf/model/<name>.yaml
+    monkeypatch.setitem(records.MEASURES, "dx", ("shift (px)", lambda p: p["dx"]))  # what the toy warp records
+    monkeypatch.setitem(records.INVARIANCE, "toy", records.MEASURES["dx"])  # its line in conf/report/invariance.yaml
+    assert aggregate.row_label(name) == "ST-MLP_TANH Translation" and not aggregate.baseline(name)
+
+    n = 40  # the toy distortion's test split, stored as distort@toy stores it
+    images, labels = digit_batch(n, 28)
+    split = {"images": images.mul(255).round().to(torch.uint8), "labels": labels,
+             "params": {"dx": torch.arange(n) % 7 - 3}}
+    (tmp_path / "toy").mkdir()
+    torch.save(split, tmp_path / "toy/test.pt")
+    sha = sha256_file(tmp_path / "toy/test.pt")
+    (tmp_path / "toy/manifest.json").write_text(json.dumps({"files": {"test.pt": {"sha256": sha}}}))
+
+    cfg = OmegaConf.to_container(compose_config(["model=st_fcn", "data=r"]), resolve=True)
+    cfg["model"], cfg["data"]["name"] = MODEL, "toy"
+    wrong = split["params"]["dx"] > 1  # the two largest shifts are always misread
+    pred = torch.where(wrong, (labels + 1) % 10, labels).to(torch.uint8)
+    torch.manual_seed(0)
+    rec = records.Record(Cell(0, name, "toy").name, {}, {"config": cfg},
+                         {"pred": pred, "theta": (0.1 * torch.randn(n, 2)).half()})
+    grid = {"models": [name], "distortions": ["toy"], "seeds": [0]}
+
+    inv = aggregate.invariance(grid, {rec.key: rec}, tmp_path, min_images=0)
+    assert set(inv.data) == {"toy"} and int(inv.wrong.sum()) == int(wrong.sum()) and inv.err.iloc[-1] == 100
+    table = aggregate.invariance_tables(inv)[2]
+    assert table.startswith("| shift (px)") and "ST-MLP_TANH Translation (n=1)" in table
+    thetas = aggregate.theta_table(grid, {rec.key: rec}, tmp_path)
+    assert list(thetas.columns) == ["cell", "theta_dev", "outside", "shift"] and thetas["shift"].iloc[0] > 0

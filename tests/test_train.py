@@ -35,9 +35,20 @@ def smoke(synthetic_data, tmp_path):
             f"paths.metrics_file={tmp_path / 'metrics.json'}", f"paths.curve_file={tmp_path / 'curve.csv'}"]
 
 
-def test_grid_is_covered_by_conf():
-    assert MODELS == sorted(["fcn", "cnn", "st_fcn", "st_fcn_proj", "st_fcn_tps", "st_cnn", "st_cnn_proj", "st_cnn_tps"])
-    assert DATASETS == sorted(["r", "rts", "p", "e", "tc"])
+def test_every_config_names_registered_parts():
+    """Each model and data config composes into names its registries know (so every cell below can build),
+    and each config names itself by its file."""
+    from src.data.warps import WARPS
+    from src.models.nets import FAMILIES, LOC_NETS
+    from src.stn.grids import GRIDS
+
+    for model in MODELS:
+        m = cfg_for(f"model={model}").model
+        assert m.name == model and m.family in FAMILIES, model
+        assert m.transform is None or (m.transform in GRIDS and m.loc in LOC_NETS), model
+    for data in DATASETS:
+        d = cfg_for(f"data={data}").data
+        assert d.name == data and d.warp in WARPS, data
 
 
 @pytest.mark.parametrize("data", DATASETS)

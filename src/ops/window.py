@@ -65,12 +65,15 @@ class Outcome:
 # ------------------------------------------------------------------ cells and their command
 
 def parse_cells(spec: str | None, root: Path) -> list[Cell]:
-    """``a,b,c``, ``@plan.json`` (its ``cells``), or None: every seed-0 CNN-family cell of params.yaml."""
+    """``a,b,c``, ``@plan.json`` (its ``cells``), or None: every seed-0 cell of params.yaml whose model config
+    has ``family: cnn``."""
     import yaml
 
     if spec is None:
         grid = yaml.safe_load((REPO / "params.yaml").read_text())
-        names = [Cell(0, m, d).name for d in grid["distortions"] for m in grid["models"] if "cnn" in m]
+        cnn = [m for m in grid["models"]
+               if yaml.safe_load((REPO / "conf/model" / f"{m}.yaml").read_text())["family"] == "cnn"]
+        names = [Cell(0, m, d).name for d in grid["distortions"] for m in cnn]
     elif spec.startswith("@"):
         path = root / spec[1:]
         try:

@@ -11,6 +11,7 @@ transforms drawn from the recorded θ. Every file is written atomically (the sta
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import math
@@ -39,19 +40,39 @@ from src.report.records import (INVARIANCE, MIN_BIN_IMAGES, N_BINS, binned_error
 from src.runinfo import REPO, UserError, check_dvc_lock, write_atomic, write_json  # noqa: E402
 from src.config import compose_config  # noqa: E402
 
-ROW_LABELS = {
-    "fcn": "FCN", "cnn": "CNN",
-    "st_fcn": "ST-FCN Aff", "st_fcn_proj": "ST-FCN Proj", "st_fcn_tps": "ST-FCN TPS",
-    "st_cnn": "ST-CNN Aff", "st_cnn_proj": "ST-CNN Proj", "st_cnn_tps": "ST-CNN TPS",
-}
-COLORS = {model: f"C{i}" for i, model in enumerate(ROW_LABELS)}  # one colour per model in every figure
+# the paper's Table 1 rows, in its order (conf/reference/paper.yaml): the report's row order and one colour per model
+PAPER_ROWS = list(yaml.safe_load((REPO / "conf/reference/paper.yaml").read_text())["err"])
+COLORS = {model: f"C{i}" for i, model in enumerate(PAPER_ROWS)}  # in every figure
+
+
+@functools.cache
+def model_config(model: str):
+    """conf/model/<model>.yaml: what the report reads of a model (its family and transform)."""
+    return OmegaConf.load(REPO / "conf/model" / f"{model}.yaml")
+
+
+def baseline(model: str) -> bool:
+    """A model without a spatial transformer."""
+    return model_config(model).transform is None
+
+
+def row_label(model: str) -> str:
+    """A model's name in the report, from its config: its family ('FCN'), or 'ST-<family> <the transform's
+    label>' (``GridGenerator.label``) for an ST model, as the paper's rows read."""
+    from src.stn.grids import GRIDS
+
+    cfg = model_config(model)
+    family = str(cfg.family).upper()
+    return family if baseline(model) else f"ST-{family} {GRIDS[cfg.transform].label}"
 
 
 def paper_order(models: list[str]) -> list[str]:
-    """The models in the paper's row order (ROW_LABELS), any other after them: params.yaml lists them in the
+    """The models in the paper's row order (PAPER_ROWS), any other after them: params.yaml lists them in the
     order the pipeline trains them (cheapest first), which is no order of the report."""
-    rank = {m: i for i, m in enumerate(ROW_LABELS)}
+    rank = {m: i for i, m in enumerate(PAPER_ROWS)}
     return sorted(models, key=lambda m: (rank.get(m, len(rank)), models.index(m)))
+
+
 DEVIATION = 1.3  # flag cells off the paper by more than this factor: worse (> 1.3 × paper) or better (< paper / 1.3)
 PAPER_STEPS = 150_000  # only cells trained at the paper's budget are compared with its numbers
 
@@ -125,7 +146,7 @@ def se_table(df: pd.DataFrame, grid: dict) -> pd.DataFrame:
     def se(model: str, data: str) -> str:
         g = runs(df, model, data)
         return fmt(binomial_se(float(g.test_err.mean()), int(g.n_test.min()))) if len(g) else "–"
-    return pd.DataFrame({ROW_LABELS.get(model, model): {data.upper(): se(model, data) for data in grid["distortions"]}
+    return pd.DataFrame({row_label(model): {data.upper(): se(model, data) for data in grid["distortions"]}
                          for model in grid["models"]}).T
 
 
@@ -154,7 +175,7 @@ def table1(df: pd.DataFrame, grid: dict, refs: list[tuple[dict, int]]) -> pd.Dat
     """Rows = models, columns = distortions; each cell 'ours mean ± std (n)', then each reference's number
     (``refs``: its {model: {distortion: err}} and the digits it is quoted with)."""
     return pd.DataFrame({
-        ROW_LABELS.get(model, model): {
+        row_label(model): {
             data.upper(): " · ".join([ours(df, model, data)] + [
                 fmt(ref.get(model, {}).get(data, float("nan")), digits) for ref, digits in refs])
             for data in grid["distortions"]}
@@ -224,7 +245,7 @@ def plot_curves(grid: dict, df: pd.DataFrame, reports: Path, path: Path, steps: 
                         gammas.add(cfg["optim"]["gamma"])
             if not seeds:
                 continue
-            color, label = COLORS.get(model), ROW_LABELS.get(model, model)
+            color, label = COLORS.get(model), row_label(model)
             if len(seeds) > 1:
                 for c in seeds.values():
                     ax.plot(c.index, c.values, color=color, lw=0.7, alpha=0.3)
@@ -298,8 +319,8 @@ def plot_invariance(grid: dict, inv: pd.DataFrame, path: Path) -> None:
             shift = (i - (len(models) - 1) / 2) * 0.4 * float((b.hi - b.lo).min()) / max(len(models), 1)
             yerr = [(b.err - b.ci_lo).clip(lower=0), (b.ci_hi - b.err).clip(lower=0)]
             ax.errorbar(b.mid + shift, b.err, yerr=yerr, color=COLORS.get(model), marker="o",
-                        ms=3.5, lw=1.2, elinewidth=0.9, capsize=2, ls="-" if model.startswith("st_") else "--",
-                        label=f"{ROW_LABELS.get(model, model)} (n={int(b.seeds.iloc[0])})")
+                        ms=3.5, lw=1.2, elinewidth=0.9, capsize=2, ls="--" if baseline(model) else "-",
+                        label=f"{row_label(model)} (n={int(b.seeds.iloc[0])})")
         ax.set_title(f"{data.upper()}: test error by {label.split(' (')[0]}")
         ax.set_xlabel(label)
         ax.set_ylabel("test error % (95 % Wilson interval)")
@@ -332,7 +353,7 @@ def invariance_tables(inv: pd.DataFrame) -> list[str]:
         table = pd.DataFrame({
             INVARIANCE[data][0]: [f"{edge(lo)} – {edge(hi)}" for lo, hi in zip(wide.lo, wide.hi)],
             "images": wide.n.astype(int),
-            **{f"{ROW_LABELS.get(m, m)} (n={int(seeds[m])})": wide[m] for m in d.model.unique()}})
+            **{f"{row_label(m)} (n={int(seeds[m])})": wide[m] for m in d.model.unique()}})
         aligned = table.to_markdown(index=False, disable_numparse=True,
                                     colalign=["left"] + ["right"] * (table.shape[1] - 1))
         out += [f"**{data.upper()}**", "", aligned, ""]
@@ -393,7 +414,7 @@ def vs_val_section(t: pd.DataFrame | None) -> list[str]:
     if t is None or not len(t):
         return ["_no cell run yet_", ""]
     table = pd.DataFrame({
-        "distortion": t.data.str.upper(), "model": [ROW_LABELS.get(m, m) for m in t.model], "seeds": t.seeds,
+        "distortion": t.data.str.upper(), "model": [row_label(m) for m in t.model], "seeds": t.seeds,
         "validation err %": t.val.map(fmt), "test err %": t.test.map(fmt),
         "test − validation": [f"{d:+.2f}" for d in t["diff"]], "SE": t.se.map(fmt),
         "test / validation": t.ratio.map(fmt),
@@ -454,7 +475,7 @@ def deviations(df: pd.DataFrame, paper: dict) -> list[str]:
         steps = ", ".join(f"{int(s):,}" for s in sorted(set(g.steps)))
 
         def line(direction: str, ratio: str) -> str:
-            return (f"- **{direction}**: {ROW_LABELS.get(model, model)} on {data.upper()}: {ours:.2f} % vs the paper's "
+            return (f"- **{direction}**: {row_label(model)} on {data.upper()}: {ours:.2f} % vs the paper's "
                     f"{ref} % ({ratio}) at {steps} steps")
         if ref and ours > DEVIATION * ref:
             worse.append(line("worse", f"{ours / ref:.1f}× the paper's"))
@@ -587,7 +608,7 @@ def sensitivity_section(sens: pd.DataFrame, full: pd.DataFrame, paper: dict) -> 
     ]
     if not sens.run.any():
         return lines + ["_none run yet_", ""]
-    return lines + [*sensitivity.tables(sens, full, paper, ROW_LABELS, binomial_se),
+    return lines + [*sensitivity.tables(sens, full, paper, row_label, binomial_se),
                     "![sensitivity](figures/sensitivity.png)", "",
                     "Every sensitivity cell that was run (the commits as in Table 1's cell table):", "",
                     sens[sens.run].assign(commits=sens.commits.map(commit_cell))[
@@ -679,7 +700,7 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
         "the networks as built by this code (conf/config.yaml `budget`: every network within ±2 % of the "
         "FCN 128-128 count at the distortion's input size).",
         "",
-        counts.rename(index=ROW_LABELS, columns=str.upper).to_markdown(),
+        counts.rename(index=row_label, columns=str.upper).to_markdown(),
         "",
         "## Figures",
         "",
@@ -781,7 +802,7 @@ def aggregate(root: Path = REPO) -> pd.DataFrame:
     write_atomic(reports / "results.csv", pd.concat([df.assign(profile=grid["profile"]),
                                                      short_df.assign(profile="short")]).to_csv(index=False))
     sens = sensitivity.collect(params, reports / "sensitivity", data_dir)
-    sensitivity.plot(sens, refs["paper"], ROW_LABELS, COLORS, wilson, log_error_axis,
+    sensitivity.plot(sens, refs["paper"], row_label, COLORS, wilson, log_error_axis,
                      reports / "figures" / "sensitivity.png", save_figure)
     write_atomic(reports / "results.md", render(full, short, param_counts(grid), refs, table_ckpt, root,
                                                 sensitivity_section(sens, df, refs["paper"])))

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 from src.config import precision_of
-from src.runinfo import UserError, load_checked
+from src.runinfo import REPO, UserError, load_checked
 
 
 @dataclass
@@ -91,12 +92,20 @@ def correct(rec: Record, split: dict) -> torch.Tensor:
     return rec.outcomes["pred"].long() == split["labels"]
 
 
-# The distortion parameter each invariance plot bins the test error by: name → (label, per-image values).
-INVARIANCE = {
-    "r": ("rotation angle (degrees)", lambda p: p["angle"]),
-    "rts": ("scale", lambda p: p["scale"]),
-    "p": ("largest corner displacement (px)", lambda p: p["corners"].norm(dim=-1).amax(-1)),
+# What a test split's recorded parameters measure per image, named by the parameter: name → (label, values).
+MEASURES = {
+    "angle": ("rotation angle (degrees)", lambda p: p["angle"]),
+    "scale": ("scale", lambda p: p["scale"]),
+    "corners": ("largest corner displacement (px)", lambda p: p["corners"].norm(dim=-1).amax(-1)),
 }
+# The measure each distortion's test error is binned by (conf/report/invariance.yaml): name → (label, values).
+INVARIANCE = {data: MEASURES[m]
+              for data, m in yaml.safe_load((REPO / "conf/report/invariance.yaml").read_text()).items()}
+
+
+def measures(params: dict) -> dict[str, torch.Tensor]:
+    """The per-image ``MEASURES`` of the parameters a split records."""
+    return {name: values(params) for name, (_, values) in MEASURES.items() if name in params}
 
 
 N_BINS = 12  # equal-width bins of the recorded distortion strength, in the report and its figure
@@ -151,26 +160,7 @@ def transformer(rec: Record):
     return net.st
 
 
-@torch.no_grad()
 def theta_summary(rec: Record, split: dict) -> dict[str, float]:
-    """θ statistics of the whole test set (the transform's own statistics), plus, where the data record
-    the rotation angle or the scale, how closely the affine part follows them (Pearson r), and for a
-    projective θ how much perspective it uses and how that follows P's corner displacement."""
-    from src.stn.grids import rotation_deg
-
-    st, theta = transformer(rec), rec.theta
-    out = {k: float(v) for k, v in st.grid.stats(theta).items()}
-    params = split.get("params", {})
-    if "det" in out:  # the transform has a 2×2 linear part (aff, proj)
-        if "angle" in params:
-            out["r(rotation, angle)"] = float(torch.corrcoef(torch.stack([rotation_deg(theta), params["angle"].float()]))[0, 1])
-        if "scale" in params and float(params["scale"].std()) > 0:
-            zoom = torch.linalg.det(theta[:, [0, 1, 3, 4]].view(-1, 2, 2)).abs().sqrt()
-            out["r(zoom, scale)"] = float(torch.corrcoef(torch.stack([zoom, params["scale"].float()]))[0, 1])
-    if st.grid.name == "proj":  # w = h31·x + h32·y + 1 changes by up to |h31| + |h32| over [-1, 1]²
-        persp = theta[:, 6:].abs().sum(1)
-        out["perspective"] = float(persp.mean())
-        if "corners" in params:
-            moved = INVARIANCE["p"][1](params).float()
-            out["r(perspective, corners)"] = float(torch.corrcoef(torch.stack([persp, moved]))[0, 1])
-    return out
+    """The transform's own summary of θ on the whole test set (``GridGenerator.summary``): its statistics and
+    how it follows what the split records of each image (``measures``)."""
+    return transformer(rec).grid.summary(rec.theta, measures(split.get("params", {})))

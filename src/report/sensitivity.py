@@ -111,7 +111,7 @@ def projection(df: pd.DataFrame, table: pd.DataFrame) -> pd.Series:
                     else math.nan, axis=1)
 
 
-def tables(df: pd.DataFrame, table: pd.DataFrame, paper: dict, labels: dict, se) -> list[str]:
+def tables(df: pd.DataFrame, table: pd.DataFrame, paper: dict, row_label, se) -> list[str]:
     """A table per family: a row per variant, a column per model, each cell 'test ± 2 SE (val …)', then the
     paper's number, our full-budget mean on the main recipe and each variant projected to it."""
     out = []
@@ -128,13 +128,13 @@ def tables(df: pd.DataFrame, table: pd.DataFrame, paper: dict, labels: dict, se)
         rows = {}
         for name, v in g.groupby("variant", sort=False):
             label = f"{v.line.iloc[0]}, {v.x.iloc[0]:g}" + (" **(main)**" if v.main.iloc[0] else "")
-            rows[f"{name}: {label}"] = {labels.get(m, m): cell(v[v.model == m].iloc[0]) for m in models}
+            rows[f"{name}: {label}"] = {row_label(m): cell(v[v.model == m].iloc[0]) for m in models}
         full = table[table.run & (table.distortion == family)].groupby("model").test_err
-        rows["paper (150k steps)"] = {labels.get(m, m): f"{paper.get(m, {}).get(family, math.nan):.1f}" for m in models}
+        rows["paper (150k steps)"] = {row_label(m): f"{paper.get(m, {}).get(family, math.nan):.1f}" for m in models}
         rows["ours, main recipe, 150k steps"] = {
-            labels.get(m, m): (f"{full.mean()[m]:.2f} (n={full.count()[m]})" if m in full.count() else "not run")
+            row_label(m): (f"{full.mean()[m]:.2f} (n={full.count()[m]})" if m in full.count() else "not run")
             for m in models}
-        proj = {f"{name} projected to 150k": {labels.get(m, m): ("–" if math.isnan(p) else f"{p:.2f}")
+        proj = {f"{name} projected to 150k": {row_label(m): ("–" if math.isnan(p) else f"{p:.2f}")
                                              for m, p in zip(v.model, v.projected)}
                 for name, v in g.groupby("variant", sort=False) if not v.main.iloc[0]}
         out += [f"**{family.upper()}** ({X_LABELS[family]}):", "",
@@ -142,7 +142,7 @@ def tables(df: pd.DataFrame, table: pd.DataFrame, paper: dict, labels: dict, se)
     return out
 
 
-def plot(df: pd.DataFrame, paper: dict, labels: dict, colors: dict, wilson, log_axis, path: Path, save) -> None:
+def plot(df: pd.DataFrame, paper: dict, row_label, colors: dict, wilson, log_axis, path: Path, save) -> None:
     """Test error against the variant's x, a panel per family, a colour per model and a marker per line; the
     95 % Wilson interval of each test error, validation error beside it (hollow), the paper's number as a
     dashed line, the main recipe ringed."""
@@ -167,7 +167,7 @@ def plot(df: pd.DataFrame, paper: dict, labels: dict, colors: dict, wilson, log_
                 lo, hi = wilson(r.wrong, r.n_test)
                 x = r.x + shift
                 ax.errorbar(x, r.test_err, yerr=[r.test_err - lo, hi - r.test_err], color=c, marker=markers[li % 7],
-                            ms=5, lw=1, capsize=2, label=f"{labels.get(model, model)}, {line}")
+                            ms=5, lw=1, capsize=2, label=f"{row_label(model)}, {line}")
                 ax.plot(x + shift / 2, r.val_err, ls="none", marker=markers[li % 7], mfc="none", mec=c, ms=5, alpha=0.7)
                 main = r[r.main]
                 ax.plot(main.x + shift, main.test_err, ls="none", marker="o", ms=12, mfc="none", mec="k", lw=0.8)

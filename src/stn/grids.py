@@ -18,9 +18,10 @@ Every grid is one GEMM of θ with a precomputed matrix (plus, for the projective
 divide): on CPU that is faster than ``F.affine_grid`` and than kornia's ``warp_perspective`` grid.
 
 To add a transform: subclass ``GridGenerator``, set ``n_params``, implement ``identity()`` and
-``forward(theta) -> (B, H, W, 2)``, declare its ``stn`` config keys in ``config_keys`` (and return
-its constructor arguments from ``options()``), override ``stats``/``describe``/``lattice_*`` where
-the defaults do not fit, and decorate it with ``@register_transform("<name>")``.
+``forward(theta) -> (B, H, W, 2)``, name it for the report in ``label``, declare its ``stn`` config keys
+in ``config_keys`` (and return its constructor arguments from ``options()``), override
+``stats``/``summary``/``describe``/``lattice_*`` where the defaults do not fit, and decorate it with
+``@register_transform("<name>")``.
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ class GridGenerator(nn.Module):
     branches on the transform's name: its identity, its config keys (``config_keys``,
     read by ``from_config``), its diagnostics (``stats``), a caption (``describe``) and how a
     figure draws it (``lattice_lines`` lines per axis, each sampled at ``lattice_sub`` steps:
-    maps that keep lines straight need 1).
+    maps that keep lines straight need 1), its test-set summary (``summary``) and its name in the
+    report (``label``).
     """
 
     n_params: int
     name: ClassVar[str] = ""  # the registry key, set by ``register_transform``
+    label: ClassVar[str] = ""  # how the report names it in a model's row ("ST-FCN <label>")
     config_keys: ClassVar[dict[str, str]] = {}  # ``stn`` config key → constructor argument
     lattice_lines: ClassVar[int] = 2
     lattice_sub: ClassVar[int] = 1
@@ -92,6 +95,12 @@ class GridGenerator(nn.Module):
             "theta_dev": (theta - self.identity().to(theta)).abs().mean(),
             "outside": (self(theta).abs() > 1).any(-1).float().mean(),
         }
+
+    @torch.no_grad()
+    def summary(self, theta: torch.Tensor, measures: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """``stats`` of a whole test set as numbers, plus how θ follows the distortion's recorded per-image
+        ``measures`` (``angle``, ``scale``, ``corners``: those the data record), where θ can say."""
+        return {k: float(v) for k, v in self.stats(theta).items()}
 
     def describe(self, theta: torch.Tensor) -> str:
         """A short caption for one θ (a (K,) or (1, K) row), e.g. its rotation; '' if none."""
@@ -141,6 +150,18 @@ class _MatrixStats:
         out["shift"] = theta[:, [2, 5]].norm(dim=1).mean()
         return out
 
+    @torch.no_grad()
+    def summary(self, theta: torch.Tensor, measures: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Adds the Pearson r of the recovered rotation with the digit's angle and of the zoom with its scale."""
+        out = super().summary(theta, measures)
+        if "angle" in measures:
+            angle = measures["angle"].float()
+            out["r(rotation, angle)"] = float(torch.corrcoef(torch.stack([rotation_deg(theta), angle]))[0, 1])
+        if "scale" in measures and float(measures["scale"].std()) > 0:
+            zoom = torch.linalg.det(theta[:, [0, 1, 3, 4]].view(-1, 2, 2)).abs().sqrt()
+            out["r(zoom, scale)"] = float(torch.corrcoef(torch.stack([zoom, measures["scale"].float()]))[0, 1])
+        return out
+
 
 def affine_weights(g: torch.Tensor) -> torch.Tensor:
     """(6, HW·2) matrix W with θ @ W = the affine grid of θ = [a11 a12 tx a21 a22 ty] on points g (HW, 2).
@@ -164,6 +185,7 @@ class AffineGrid(_MatrixStats, GridGenerator):
     """
 
     n_params = 6
+    label = "Aff"
 
     def __init__(self, out_hw, align_corners: bool):
         super().__init__(out_hw, align_corners)
@@ -192,6 +214,7 @@ class ProjectiveGrid(_MatrixStats, GridGenerator):
     """
 
     n_params = 8
+    label = "Proj"
     config_keys = {"proj_eps": "eps"}
 
     def __init__(self, out_hw, align_corners: bool, eps: float = 1e-3):
@@ -237,6 +260,18 @@ class ProjectiveGrid(_MatrixStats, GridGenerator):
         out["clamped"] = self.clamped_fraction(theta)
         return out
 
+    @torch.no_grad()
+    def summary(self, theta: torch.Tensor, measures: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Adds how much perspective θ uses, |h31| + |h32| (the most w = h31·x + h32·y + 1 changes over
+        [-1, 1]²), and its Pearson r with the largest corner displacement."""
+        out = super().summary(theta, measures)
+        persp = theta[:, 6:].abs().sum(1)
+        out["perspective"] = float(persp.mean())
+        if "corners" in measures:
+            moved = measures["corners"].float()
+            out["r(perspective, corners)"] = float(torch.corrcoef(torch.stack([persp, moved]))[0, 1])
+        return out
+
 
 def tps_kernel(r2: torch.Tensor) -> torch.Tensor:
     """U(r) = r² log r², with U(0) = 0 (evaluated on a safe argument, so no NaN appears)."""
@@ -272,6 +307,7 @@ class TPSGrid(GridGenerator):
     pass is one ``addmm`` with no reshape copies, and zero offsets give the base grid G bit-exactly.
     """
 
+    label = "TPS"
     config_keys = {"tps_grid": "n_side", "tps_span": "span"}
     lattice_lines = 7  # curved lines: an inner lattice, finely sampled, shows the warp
     lattice_sub = 4
