@@ -174,7 +174,8 @@ def test_the_toy_model_and_distortion_reach_the_report(registered, tmp_path, mon
     import src.report.aggregate as aggregate
     from src.cell import Cell
     from src.report import records
-    from src.runinfo import compose_config, sha256_file
+    from src.config import compose_config
+    from src.runinfo import sha256_file
 
     name = MODEL["name"]
     monkeypatch.setattr(aggregate, "model_config", lambda model: OmegaConf.create(MODEL))  # conf/model/<name>.yaml
