@@ -267,8 +267,9 @@ def bench_loop(dev, steps: int, rounds: int, extra: list[str], model: str = "st_
 
     run_dir = tempfile.mkdtemp(prefix="bench-loop-")
     cfg = compose_config([*extra, f"model={model}", f"data={data}", "quiet=true", f"paths.run_dir={run_dir}",
-                          f"trainer.accelerator={'gpu' if dev.type == 'cuda' else 'cpu'}",
-                          f"trainer.max_steps={steps + 1}", "trainer.limit_val_batches=0"])
+                          f"trainer.accelerator={'gpu' if dev.type == 'cuda' else 'cpu'}"])
+    # the loop alone, no validation: values no run may have (the schema refuses them), set after its check
+    cfg.trainer.max_steps, cfg.trainer.limit_val_batches = steps + 1, 0
     net = build_model(cfg)[0]
     init = {k: v.clone() for k, v in net.state_dict().items()}
     dm = DistortedMNIST(cfg.data, cfg.loader, cfg.paths, cfg.stn.align_corners, cfg.seed)
