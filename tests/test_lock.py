@@ -73,6 +73,33 @@ def test_a_truncated_dvc_lock_is_one_line_saying_how_to_restore_it(tmp_path):
             check_dvc_lock(tmp_path)
         assert "\n" not in str(e.value)
 
+    # cut at a line's end: it parses, but its last entry lacks what dvc writes last (an output's size, its outputs)
+    lines = whole.splitlines(keepends=True)
+    last_out = max(i for i, line in enumerate(lines) if line.lstrip().startswith(b"size:"))
+    for n in (last_out, last_out - 1):
+        lock.write_bytes(b"".join(lines[:n]))
+        with pytest.raises(UserError, match=f"^{lock} is cut short .*{restore}"):
+            check_dvc_lock(tmp_path)
+    # cut between two entries: whole entries, but stages locked at the last commit are gone
+    import yaml
+
+    stages = yaml.safe_load(whole)["stages"]
+    if len(stages) >= 2:
+        subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+        lock.write_bytes(whole)
+        subprocess.run(["git", "add", "dvc.lock"], cwd=tmp_path, check=True)
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "lock"], cwd=tmp_path,
+                       check=True)
+        check_dvc_lock(tmp_path)
+        first = yaml.safe_dump({"schema": "2.0", "stages": dict(list(stages.items())[:1])}).encode()
+        lock.write_bytes(first)
+        with pytest.raises(UserError, match=f"^{lock} lacks {len(stages) - 1} stage"):
+            check_dvc_lock(tmp_path)
+        lock.write_bytes(b"".join(lines[:last_out - 3]))  # between the last two outputs of the last entry
+        with pytest.raises(UserError, match=f"^{lock} lacks 1 stage.*{list(stages)[-1]}"):
+            check_dvc_lock(tmp_path)
+        shutil.rmtree(tmp_path / ".git")
+
     for d in ("src", "conf"):
         shutil.copytree(REPO / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
