@@ -196,10 +196,10 @@ def _whole_entry(entry) -> bool:
                     ("nfiles" in o or not str(o["md5"]).endswith(".dir")) for o in outs))
 
 
-def _git(*args: str, cwd: Path = REPO) -> bytes | None:
-    """The output of ``git <args>`` in ``cwd``; None without git or without history (a GPU window's copy)."""
+def _git(*args: str, cwd: Path | None = None) -> bytes | None:
+    """The output of ``git <args>`` in ``cwd`` (REPO); None without git or without history (a GPU window's copy)."""
     try:
-        r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, timeout=10)
+        r = subprocess.run(["git", *args], cwd=cwd or REPO, capture_output=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return r.stdout if r.returncode == 0 else None
