@@ -53,17 +53,10 @@ class Cell:
 
     @property
     def folder(self) -> str:
-        """The cell's folder under reports/ and runs/ ("" for Table 1's cells)."""
+        """The cell's folder under reports/ and runs/ ("" for Table 1's cells), as dvc.yaml's stages write it."""
         return BUDGETS[self.budget][1]
 
     @property
     def key(self) -> str:
         """A name unique across budgets (one figure folder holds them all): ``short-0-cnn-r``."""
         return f"{self.folder}-{self.name}" if self.folder else self.name
-
-    def paths(self) -> dict[str, str]:
-        """What a pipeline cell writes, repo-relative: its run dir (checkpoints) and its record."""
-        reports = f"reports/{self.folder}/" if self.folder else "reports/"
-        runs = f"runs/{self.folder}/" if self.folder else "runs/"
-        return {"run_dir": f"{runs}{self.name}", "metrics_file": f"{reports}metrics/{self.name}.json",
-                "curve_file": f"{reports}curves/{self.name}.csv", "cell_dir": f"{reports}cells/{self.name}"}

@@ -53,7 +53,7 @@ def test_a_variant_differs_from_its_main_recipe_only_in_the_keys_it_overrides(na
     assert (v.data["name"] == name) == (v.family in ("p", "e") or v.main), "a data variant has its own data directory"
     assert v.main == (name == v.family)
     cell = Cell.of(compose_config([f"+experiment=sensitivity/{name}", "model=fcn", "seed=2"]))
-    assert cell.name == f"2-fcn-{name}" and cell.paths()["metrics_file"] == f"reports/sensitivity/metrics/2-fcn-{name}.json"
+    assert cell.name == f"2-fcn-{name}" and cell.key == f"sensitivity-2-fcn-{name}"
 
 
 @pytest.mark.parametrize("name", [n for n in VARIANTS if n.startswith(("p", "e"))])
