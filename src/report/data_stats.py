@@ -21,10 +21,10 @@ import pandas as pd
 import torch
 import yaml
 
-from src.data.distort import load_split
 from src.data.mnist import load_raw
 from src.data.warps import DIGIT, FRAME, _sampling_homography, _square_to_quad_np, apply_projective, px_unit, recipe
 from src.report.figures import draw_preview
+from src.report.records import test_split
 from src.runinfo import REPO, UserError, atomic_dir, write_atomic
 from src.config import stage_main
 
@@ -198,7 +198,7 @@ def frame_stats(split: dict, digits: torch.Tensor, cfg, align_corners: bool) -> 
 
 def _checked_split(data_dir: Path, name: str, labels: torch.Tensor) -> tuple[dict, dict]:
     """The test split of ``name`` and its generation manifest, refused unless made from these raw digits."""
-    split = load_split(data_dir / name, "test")
+    split = test_split(str(data_dir), name)
     try:
         manifest = json.loads((data_dir / name / "manifest.json").read_text())
         manifest["config"]["warp"], manifest["align_corners"]
@@ -291,7 +291,7 @@ def write_previews(data_dir: Path, names: list[str], out_dir: Path) -> None:
     """``<out_dir>/<name>.png`` for every dataset named; the directory appears whole, with nothing stale in it."""
     with atomic_dir(out_dir) as tmp:
         for name in names:
-            test = load_split(data_dir / name, "test")
+            test = test_split(str(data_dir), name)  # loaded once with the statistics above
             draw_preview(test["images"][:PREVIEW_N], test["labels"][:PREVIEW_N], name, tmp / f"{name}.png")
 
 
