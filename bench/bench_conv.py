@@ -14,6 +14,10 @@ precision on the same thread:
 
 The projection is step time × 150k steps, leaving out data, evaluation and the loop (docs/operations.md
 "How long it takes" has whole cells). Writes reports/bench/conv.md (or ``--out``).
+
+``--compile`` adds a fourth side, the ``bf16-mixed`` network with its forward under ``torch.compile`` (inductor,
+default mode; compiled and warmed before the race), to see whether the compiler beats oneDNN's eager kernels:
+``python bench/bench_conv.py --compile --distortions r --out reports/bench/compile.md``.
 """
 
 from __future__ import annotations
@@ -72,7 +76,14 @@ def matmul(dtype):
     return lambda: a @ b
 
 
-def bench(models, distortions, rounds: int) -> tuple[pd.DataFrame, dict]:
+def compiled(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` whose forward runs under ``torch.compile`` (the backward follows through AOTAutograd)."""
+    twin = copy.deepcopy(net)
+    twin.forward = torch.compile(twin.forward)
+    return twin
+
+
+def bench(models, distortions, rounds: int, compile_: bool = False) -> tuple[pd.DataFrame, dict]:
     peak_s: dict[str, list[float]] = {"fp32": [], "bf16": []}
     rows = []
     for d in distortions:
@@ -83,10 +94,14 @@ def bench(models, distortions, rounds: int) -> tuple[pd.DataFrame, dict]:
             flops = step_flops(before, hw)
             heavy = flops > 20e9  # CNN on RTS and TC: a step takes seconds
             cpu = torch.device("cpu")
-            t = race({"before": step_fn(before, hw, cpu), "fp32": step_fn(net, hw, cpu),
-                      "bf16": step_fn(copy.deepcopy(net), hw, cpu, bf16=True),
-                      "peak fp32": matmul(torch.float32), "peak bf16": matmul(torch.bfloat16)},
-                     cpu, rounds=2 if heavy else rounds, calls=1 if heavy else 3)
+            sides = {"before": step_fn(before, hw, cpu), "fp32": step_fn(net, hw, cpu),
+                     "bf16": step_fn(copy.deepcopy(net), hw, cpu, bf16=True),
+                     "peak fp32": matmul(torch.float32), "peak bf16": matmul(torch.bfloat16)}
+            if compile_:
+                sides["compiled"] = step_fn(compiled(net), hw, cpu, bf16=True)
+                for _ in range(2):  # compile (forward and backward graphs) before the clock starts
+                    sides["compiled"]()
+            t = race(sides, cpu, rounds=2 if heavy else rounds, calls=1 if heavy else 3)
             peak = {p: 2 * PEAK_N ** 3 / t[f"peak {p}"] for p in ("fp32", "bf16")}
             for p in peak_s:
                 peak_s[p].append(peak[p])
@@ -97,6 +112,8 @@ def bench(models, distortions, rounds: int) -> tuple[pd.DataFrame, dict]:
                 "fp32 % fp32 peak": 100 * flops / t["fp32"] / peak["fp32"],
                 "bf16 % bf16 peak": 100 * flops / t["bf16"] / peak["bf16"],
                 "bf16 × before": t["before"] / t["bf16"],
+                **({"bf16 compiled (ms)": 1e3 * t["compiled"], "compiled × eager bf16": t["bf16"] / t["compiled"]}
+                   if compile_ else {}),
                 "h/cell before": t["before"] * PAPER_STEPS / 3600, "h/cell fp32": t["fp32"] * PAPER_STEPS / 3600,
                 "h/cell bf16": t["bf16"] * PAPER_STEPS / 3600,
             })
@@ -120,7 +137,10 @@ def report(df: pd.DataFrame, peak: dict, a: argparse.Namespace) -> str:
         "precision on the same thread, so that a loaded machine slows both sides alike. `before`: the network as "
         "built before the convolution path (float32, NCHW, ReLU before max-pool, the library's input gradient "
         "for the first convolution); `fp32` / `bf16-mixed`: the network as `src.models` builds it now, in float32 "
-        "and under the `bf16-mixed` autocast of `model.precision`. FLOPs: FlopCounterMode, forward + backward.", "",
+        "and under the `bf16-mixed` autocast of `model.precision`. FLOPs: FlopCounterMode, forward + backward."
+        + (" `bf16 compiled`: the `bf16-mixed` network with its forward under `torch.compile` (inductor, default "
+           "mode), compiled before the race; `compiled × eager bf16` > 1 means the compiler is faster."
+           if a.compile else ""), "",
         f"Core GEMM peak, one thread, median over the races: fp32 {peak['fp32']:.0f} GFLOP/s, "
         f"bf16 {peak['bf16']:.0f} GFLOP/s. Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
         "cores (other work on the machine slows steps and peak alike: read the percentages and ratios; the hours "
@@ -137,10 +157,11 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(CNN_MODELS))
     p.add_argument("--distortions", nargs="+", default=list(DISTORTIONS))
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="add the bf16-mixed network under torch.compile")
     p.add_argument("--out", default=str(REPO / "reports/bench/conv.md"))
     a = p.parse_args()
     torch.manual_seed(0)
-    df, peak = bench(a.models, a.distortions, a.rounds)
+    df, peak = bench(a.models, a.distortions, a.rounds, a.compile)
     write_atomic(Path(a.out), report(df, peak, a))
     print(f"bench_conv: wrote {a.out}")
 
