@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 from src.data.warps import distort_batch, recipe, warp_of  # noqa: E402
 from src.models.module import sgd_step  # noqa: E402
 from src.runinfo import UserError, device_name, git_commit, versions, write_atomic  # noqa: E402
-from src.config import compose_config  # noqa: E402
+from src.config import compose_config, model_config  # noqa: E402
 from src.stn.transformer import SpatialTransformer  # noqa: E402
 
 SIZES = (28, 42, 60)
@@ -227,6 +227,12 @@ def bare_twin(net: nn.Module) -> nn.Module:
     return twin
 
 
+def baseline_of(model: str) -> str | None:
+    """The plain network of a model's family (its config's ``family``, no ``transform``), if the grid has one."""
+    fam = model_config(model).family
+    return next((m for m in MODELS if model_config(m).family == fam and model_config(m).transform is None), None)
+
+
 def bench_overhead(dev, rounds: int, calls: int, distortions, models=None) -> pd.DataFrame:
     """Every network's SGD step, beside its plain baseline and its bare-affine twin (the same network
     whose transformer samples through a bare ``F.affine_grid`` + ``F.grid_sample``), in one race."""
@@ -241,7 +247,7 @@ def bench_overhead(dev, rounds: int, calls: int, distortions, models=None) -> pd
                 fns[f"{m}/bare"] = step_fn(bare_twin(net).to(dev), hw, dev)
         t = race(fns, dev, rounds, calls)
         for m in models or MODELS:
-            base = t.get("cnn" if "cnn" in m else "fcn", float("nan"))
+            base = t.get(baseline_of(m), float("nan"))
             twin = t.get(f"{m}/bare")
             rows.append({"distortion": d.upper(), "model": m, "step (ms)": 1e3 * t[m], "× baseline": t[m] / base,
                          "× bare-affine twin": t[m] / twin if twin else float("nan")})
@@ -391,7 +397,7 @@ def project_grid(overhead: pd.DataFrame, data_s: dict, loop: dict, seeds: int = 
         rows.append({"distortion": r["distortion"], "model": r["model"], "s / step": per_step,
                      "one cell (h)": per_step * PAPER_STEPS / 3600})
     df = pd.DataFrame(rows)
-    fam = df.assign(family=df["model"].map(lambda m: "CNN family" if "cnn" in m else "FCN family"))
+    fam = df.assign(family=df["model"].map(lambda m: f"{model_config(m).family.upper()} family"))
     summary = fam.groupby("family")["one cell (h)"].agg(["mean", "sum"]).reset_index()
     summary["grid, 3 seeds (h)"] = summary["sum"] * seeds
     return df, summary.rename(columns={"mean": "mean cell (h)", "sum": "one seed (h)"})
@@ -479,9 +485,11 @@ def run(a: argparse.Namespace) -> None:
     v["kornia"] = kornia.__version__
     ratio = loop["plain"] / loop["lightning"]
     outside = 1 - loop["t_model"] / loop["lightning"]
-    st_cnn = t2[t2["model"].str.startswith("st_cnn")]["× baseline"]
-    st_fcn = t2[t2["model"].str.startswith("st_fcn")]["× baseline"]
-    twin = t2[t2["model"].str.startswith("st_fcn")]["× bare-affine twin"]
+    st_of = lambda family: t2["model"].map(  # noqa: E731
+        lambda m: model_config(m).family == family and model_config(m).transform is not None)
+    st_cnn = t2[st_of("cnn")]["× baseline"]
+    st_fcn = t2[st_of("fcn")]["× baseline"]
+    twin = t2[st_of("fcn")]["× bare-affine twin"]
     lines = [
         "# Benchmarks",
         "",

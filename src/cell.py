@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 from omegaconf import OmegaConf
 
-# budget → (DVC stage of its cells, folder of their records under reports/ and of their run dirs under runs/)
+# budget → folder of its cells' records under reports/ and of their run dirs under runs/ (dvc.yaml's stages)
 BUDGETS = {
-    "full": ("train", ""),               # Table 1: trainer=<params.yaml profile>
-    "short": ("short", "short"),         # the reduced-budget section: trainer=short
-    "sensitivity": ("sens", "sensitivity"),  # the sensitivity study: sens_<p|e|rts>, trainer=short
+    "full": "",                      # Table 1 (stage train): trainer=<params.yaml profile>
+    "short": "short",                # the reduced-budget section (stage short): trainer=short
+    "sensitivity": "sensitivity",    # the sensitivity study (stages sens_<p|e|rts>): trainer=short
 }
 
 
@@ -44,17 +44,17 @@ class Cell:
         return cls(int(parts[0]), parts[1], parts[2], budget)
 
     @classmethod
-    def of(cls, cfg, budget: str = "full") -> Cell:
+    def of(cls, cfg) -> Cell:
         """The cell a run's config trains; a sensitivity variant (its ``sensitivity.variant``) names the data and
-        the budget."""
+        the budget. The name is all a run needs of it (the stage that runs it sets its paths)."""
         variant = OmegaConf.select(cfg, "sensitivity.variant", default=None)
         return cls(int(cfg.seed), str(cfg.model.name), variant or str(cfg.data.name),
-                   "sensitivity" if variant else budget)
+                   "sensitivity" if variant else "full")
 
     @property
     def folder(self) -> str:
         """The cell's folder under reports/ and runs/ ("" for Table 1's cells), as dvc.yaml's stages write it."""
-        return BUDGETS[self.budget][1]
+        return BUDGETS[self.budget]
 
     @property
     def key(self) -> str:

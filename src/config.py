@@ -26,6 +26,12 @@ from src.runinfo import REPO, UserError, check_dvc_lock
 PRECISIONS = ("32-true", "bf16-mixed")
 
 
+def model_config(model: str) -> DictConfig:
+    """conf/model/<model>.yaml as it stands: what tools outside a run read of a model (its family, transform and
+    precision)."""
+    return OmegaConf.load(REPO / "conf" / "model" / f"{model}.yaml")
+
+
 def precision_of(config: dict) -> str:
     """The training precision a record's config names: ``model.precision``, or ``trainer.precision`` in records
     made before it became a model key (all float32)."""

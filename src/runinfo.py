@@ -152,9 +152,9 @@ def check_dvc_lock(root: Path = REPO) -> None:
     """dvc.lock as a dvc command killed while writing it leaves it (``kill -9`` during ``dvc commit -f``): empty
     (every dvc command then fails), cut off mid-line or unparseable, or cut at a line's end, which parses: its
     last entry then lacks what dvc writes last (every stage here has outputs, each with its md5 and size), or, cut
-    between entries or outputs, stages or outputs locked at the last commit are gone (dvc would retrain them; an
-    entry added since, cut between its outputs, is not told apart). One line saying how to restore it; dvc
-    writes it whole, ending in a newline."""
+    between entries or outputs, stages or outputs locked at the last commit are gone (dvc would retrain them), or
+    the last entry, added since that commit (dvc appends new stages), has fewer outputs than dvc.yaml gives its
+    stage. One line saying how to restore it; dvc writes it whole, ending in a newline."""
     import yaml
 
     load = functools.partial(yaml.load, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 280 kB: C, 10× faster
@@ -166,8 +166,8 @@ def check_dvc_lock(root: Path = REPO) -> None:
         stages = load(text).get("stages") if text.endswith(b"\n") else None
     except (yaml.YAMLError, AttributeError):
         stages = None
-    restore = (f"as a dvc command killed while writing it leaves it; restore it with `git checkout dvc.lock` (then "
-               f"`dvc commit -f` any stage locked since that commit)")
+    restore = ("as a dvc command killed while writing it leaves it; restore it with `git checkout dvc.lock` (then "
+               "`dvc commit -f` any stage locked since that commit)")
     if not isinstance(stages, dict):
         what = "empty" if not text.strip() else f"truncated or corrupt ({len(text)} bytes)"
         raise UserError(f"{lock} is {what}, {restore}")
@@ -186,6 +186,23 @@ def check_dvc_lock(root: Path = REPO) -> None:
         raise UserError(f"{lock} lacks {len(gone)} stage(s) or outputs locked at the last commit ({', '.join(gone[:3])}"
                         f"{' …' if len(gone) > 3 else ''}): cut short, {restore}; if you removed those stages, "
                         f"commit dvc.lock")
+    last = next(reversed(stages), None)
+    if last is not None and last not in head:
+        declared = _declared_outs(root, last.split("@")[0])
+        if declared is not None and len(stages[last]["outs"]) < declared:
+            raise UserError(f"{lock} is cut short (the entry of {last} has {len(stages[last]['outs'])} of the "
+                            f"{declared} outputs dvc.yaml gives it), {restore}")
+
+
+def _declared_outs(root: Path, stage: str) -> int | None:
+    """How many outputs dvc.yaml gives a stage (a matrix stage's cells all have as many); None without it."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    return sum(len(spec.get(k) or []) for k in ("outs", "metrics", "plots") if isinstance(spec.get(k), list))
 
 
 def _whole_entry(entry) -> bool:

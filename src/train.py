@@ -49,11 +49,11 @@ from src.models.build import build_model  # noqa: E402
 from src.models.module import Classifier  # noqa: E402
 from src.run.callbacks import (CodeStamp, CurveRecorder, DivergenceGuard, ProgressLog, Segments, SignalStop,  # noqa: E402
                                curve_csv)
+from src.run.fingerprint import FILE as FINGERPRINT  # noqa: E402
 from src.runinfo import (REPO, UserError, atomic_dir, check_dvc_lock, native_bf16, sha256_file,  # noqa: E402
                          uncommitted, versions, write_atomic, write_json)
 
 CONF_DIR = REPO / "conf"
-FINGERPRINT = REPO / "src" / "run" / "fingerprint.json"
 log = logging.getLogger("src.train")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -60,3 +61,19 @@ def test_bench_conv_measures_the_path_against_the_peak(tmp_path):
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[1] == "cnn" and 3.8 < float(cells[2]) < 4.0
     assert all(float(c) > 0 for c in cells[3:])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile needs a C++ compiler")
+def test_bench_conv_compile_races_the_compiled_network(tmp_path):
+    """``--compile`` adds the compiled bf16-mixed network beside its eager twin: both real, positive timings."""
+    out = tmp_path / "compile.md"
+    r = subprocess.run([sys.executable, "bench/bench_conv.py", "--compile", "--models", "cnn", "--distortions", "r",
+                        "--rounds", "1", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = out.read_text().splitlines()
+    header = [c.strip() for c in next(x for x in lines if x.startswith("| distortion")).split("|")[1:-1]]
+    row = [c.strip() for c in next(x for x in lines if x.startswith("| R ")).split("|")[1:-1]]
+    compiled = dict(zip(header, row))
+    assert float(compiled["bf16 compiled (ms)"]) > 0 and float(compiled["compiled × eager bf16"]) > 0

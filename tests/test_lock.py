@@ -98,6 +98,23 @@ def test_a_truncated_dvc_lock_is_one_line_saying_how_to_restore_it(tmp_path):
         lock.write_bytes(b"".join(lines[:last_out - 3]))  # between the last two outputs of the last entry
         with pytest.raises(UserError, match=f"^{lock} lacks 1 stage.*{list(stages)[-1]}"):
             check_dvc_lock(tmp_path)
+        # a stage added since the last commit (dvc appends it), cut between its outputs: fewer than dvc.yaml gives it
+        *before, last = stages
+        declared = len(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][last.split("@")[0]]["outs"])
+        if declared >= 2:
+            shutil.copy2(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+            lock.write_bytes(yaml.safe_dump({"schema": "2.0", "stages": {k: stages[k] for k in before}},
+                                            sort_keys=False).encode())
+            subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "lock"],
+                           cwd=tmp_path, check=True)
+            cut = {**stages, last: {**stages[last], "outs": stages[last]["outs"][:-1]}}
+            lock.write_bytes(yaml.safe_dump({"schema": "2.0", "stages": cut}, sort_keys=False).encode())
+            with pytest.raises(UserError, match=f"^{lock} is cut short \\(the entry of {last} has {declared - 1} of "
+                                                f"the {declared} outputs"):
+                check_dvc_lock(tmp_path)
+            lock.write_bytes(yaml.safe_dump({"schema": "2.0", "stages": stages}, sort_keys=False).encode())
+            check_dvc_lock(tmp_path)  # whole, it passes
+            (tmp_path / "dvc.yaml").unlink()
         shutil.rmtree(tmp_path / ".git")
 
     for d in ("src", "conf"):

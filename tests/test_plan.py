@@ -13,7 +13,7 @@ import pytest
 import pytorch_lightning as pl
 
 import src.run.plan as plan_mod
-from src.run.plan import Cell, command, fit, load_bench, md_tables, plan, project, report
+from src.run.plan import Planned, command, fit, load_bench, md_tables, plan, project, report
 from src.runinfo import REPO
 from src.config import compose_config
 from src.train import train
@@ -129,8 +129,8 @@ def test_a_gpu_cell_counts_only_its_own_records_and_is_never_beyond_reach(repo):
     records = plan_mod.load_records(repo / "reports")
     assert project("fcn", "e", 150_000, "32-true", "NVIDIA H100", records, load_bench(repo), cpu=False) == \
         (None, "no record on NVIDIA H100")
-    assert not Cell("train@0-cnn-tc", "cnn", "tc", 0, 150_000, "32-true", "NVIDIA H100", cpu=False,
-                    seconds=100 * 3600).beyond
+    assert not Planned("train@0-cnn-tc", "cnn", "tc", 0, 150_000, "32-true", "NVIDIA H100", cpu=False,
+                       seconds=100 * 3600).beyond
 
 
 def test_the_committed_benchmarks_parse_for_every_cell_of_the_grid():

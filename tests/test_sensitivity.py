@@ -21,7 +21,7 @@ from src.data.warps import FRAME
 from src.runinfo import REPO, UserError
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())["sensitivity"]
-VARIANTS = sorted({v for family in sensitivity.MODEL_LISTS for v in PARAMS[family]})
+VARIANTS = sorted({v for family in sensitivity.FAMILIES for v in PARAMS[family]})
 
 
 def dotted(d: dict, prefix: str = "") -> dict:

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from src.cell import Cell
+from src.config import model_config
 from src.runinfo import REPO, UserError, write_atomic, write_json
 
 MIB = 1 << 20
@@ -71,8 +72,7 @@ def parse_cells(spec: str | None, root: Path) -> list[Cell]:
 
     if spec is None:
         grid = yaml.safe_load((REPO / "params.yaml").read_text())
-        cnn = [m for m in grid["models"]
-               if yaml.safe_load((REPO / "conf/model" / f"{m}.yaml").read_text())["family"] == "cnn"]
+        cnn = [m for m in grid["models"] if model_config(m).family == "cnn"]
         names = [Cell(0, m, d).name for d in grid["distortions"] for m in cnn]
     elif spec.startswith("@"):
         path = root / spec[1:]

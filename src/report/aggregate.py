@@ -11,7 +11,6 @@ transforms drawn from the recorded θ. Every file is written atomically (the sta
 from __future__ import annotations
 
 import argparse
-import functools
 import io
 import json
 import math
@@ -38,17 +37,11 @@ from src.report.data_stats import nist_halves  # noqa: E402
 from src.report.records import (INVARIANCE, MIN_BIN_IMAGES, N_BINS, binned_error, correct, load_record,  # noqa: E402
                          segment_commits, test_split, theta_summary, transformer)
 from src.runinfo import REPO, UserError, check_dvc_lock, write_atomic, write_json  # noqa: E402
-from src.config import compose_config  # noqa: E402
+from src.config import compose_config, model_config  # noqa: E402
 
 # the paper's Table 1 rows, in its order (conf/reference/paper.yaml): the report's row order and one colour per model
 PAPER_ROWS = list(yaml.safe_load((REPO / "conf/reference/paper.yaml").read_text())["err"])
 COLORS = {model: f"C{i}" for i, model in enumerate(PAPER_ROWS)}  # in every figure
-
-
-@functools.cache
-def model_config(model: str):
-    """conf/model/<model>.yaml: what the report reads of a model (its family and transform)."""
-    return OmegaConf.load(REPO / "conf/model" / f"{model}.yaml")
 
 
 def baseline(model: str) -> bool:

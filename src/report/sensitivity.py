@@ -17,17 +17,17 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
+import yaml
 from omegaconf import OmegaConf
 
 from src.cell import Cell
 from src.report.records import segment_commits
 from src.report.records import load_record
-from src.runinfo import UserError
+from src.runinfo import REPO, UserError
 from src.config import compose_config
 
-# family → params.yaml ``sensitivity`` key of its models, as dvc.yaml's sens_<family> matrices read them
-MODEL_LISTS = {"p": "models", "e": "models", "rts": "rts_models"}
-X_LABELS = {"p": "corner σ (px)", "e": "control-point σ (px)", "rts": "parameter budget (× FCN 128-128)"}
+# family → the params.yaml ``sensitivity`` key of its models and its x axis label (conf/report/sensitivity.yaml)
+FAMILIES = yaml.safe_load((REPO / "conf/report/sensitivity.yaml").read_text(encoding="utf-8"))
 COLUMNS = ["family", "line", "x", "variant", "main", "model", "key", "run", "test_err", "val_err", "wrong", "n_test",
            "steps", "precision", "hours", "device", "commits"]
 
@@ -59,9 +59,9 @@ def variant(name: str) -> Variant:
 def grid(params: dict) -> list[tuple[Variant, str, int]]:
     """Every cell of the study: (variant, model, seed), in params.yaml's order."""
     s = params.get("sensitivity") or {}
-    variants = {v: variant(v) for family in MODEL_LISTS for v in s.get(family, [])}  # composed once each
-    return [(variants[v], model, seed) for family, models in MODEL_LISTS.items() for v in s.get(family, [])
-            for model in s.get(models, []) for seed in s.get("seeds", [])]
+    variants = {v: variant(v) for family in FAMILIES for v in s.get(family, [])}  # composed once each
+    return [(variants[v], model, seed) for family, f in FAMILIES.items() for v in s.get(family, [])
+            for model in s.get(f["models"], []) for seed in s.get("seeds", [])]
 
 
 def check_record(rec, v: Variant, data_dir: Path) -> None:
@@ -137,7 +137,7 @@ def tables(df: pd.DataFrame, table: pd.DataFrame, paper: dict, row_label, se) ->
         proj = {f"{name} projected to 150k": {row_label(m): ("–" if math.isnan(p) else f"{p:.2f}")
                                              for m, p in zip(v.model, v.projected)}
                 for name, v in g.groupby("variant", sort=False) if not v.main.iloc[0]}
-        out += [f"**{family.upper()}** ({X_LABELS[family]}):", "",
+        out += [f"**{family.upper()}** ({FAMILIES[family]['x_label']}):", "",
                 pd.DataFrame({**rows, **proj}).T.to_markdown(disable_numparse=True), ""]
     return out
 
@@ -177,7 +177,7 @@ def plot(df: pd.DataFrame, paper: dict, row_label, colors: dict, wilson, log_axi
         log_axis(ax)
         ax.set_xticks(sorted(set(g.x)))
         ax.set_title(f"{family.upper()}: 40k steps, seed 0", fontsize=10)
-        ax.set_xlabel(X_LABELS[family])
+        ax.set_xlabel(FAMILIES[family]["x_label"])
         ax.set_ylabel("test error % (hollow: validation)")
         ax.legend(fontsize=6.5, loc="upper left", frameon=False)
     fig.suptitle("Sensitivity to the recipe: dashed = the paper (150k steps), ringed = our main recipe", fontsize=10)

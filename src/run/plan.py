@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from src.config import precision_of
+from src.config import model_config, precision_of
 from src.runinfo import REPO, UserError, check_dvc_lock
 
 REACH_HOURS = 24.0  # a cell projected beyond this on a CPU: the GPU window or the cluster
@@ -241,7 +241,7 @@ def _changed(changes: list, outs: set[str]) -> tuple[bool, bool]:
 
 
 @dataclass
-class Cell:
+class Planned:
     stage: str
     model: str
     data: str
@@ -270,20 +270,20 @@ def stage_data(args: dict) -> str:
     return next((d["override /data"] for d in exp.get("defaults", []) if "override /data" in d), "r")
 
 
-def stage_cell(stage: str, cmd: str) -> Cell:
+def stage_cell(stage: str, cmd: str) -> Planned:
     """A training stage's cell from its command: model, data, seed, steps, precision, device."""
     from omegaconf import OmegaConf
 
     args = dict(a.split("=", 1) for a in shlex.split(cmd) if "=" in a and not a.startswith("-"))
     trainer = OmegaConf.load(REPO / "conf" / "trainer" / f"{args.get('trainer', 'full')}.yaml")
-    model = OmegaConf.load(REPO / "conf" / "model" / f"{args['model']}.yaml")
-    return Cell(stage, args["model"], stage_data(args), int(args.get("seed", 0)),
-                int(args.get("trainer.max_steps", trainer.max_steps)),
-                str(args.get("model.precision", model.get("precision", "32-true"))),
-                *run_device(args.get("trainer.accelerator", trainer.accelerator)))
+    model = model_config(args["model"])
+    return Planned(stage, args["model"], stage_data(args), int(args.get("seed", 0)),
+                   int(args.get("trainer.max_steps", trainer.max_steps)),
+                   str(args.get("model.precision", model.get("precision", "32-true"))),
+                   *run_device(args.get("trainer.accelerator", trainer.accelerator)))
 
 
-def plan(root: Path = REPO) -> tuple[list[Cell], list[str]]:
+def plan(root: Path = REPO) -> tuple[list[Planned], list[str]]:
     """The cells ``dvc repro`` would train, in its order, each projected; and the other stages it would run."""
     stages, outs = repro_stages(root)
     records, bench = load_records(root / "reports"), load_bench(root)
@@ -302,7 +302,7 @@ def plan(root: Path = REPO) -> tuple[list[Cell], list[str]]:
     return cells, others
 
 
-def fit(cells: list[Cell], limit_hours: float) -> list[Cell]:
+def fit(cells: list[Planned], limit_hours: float) -> list[Planned]:
     """The cheapest cells of known time whose sum stays within ``limit_hours`` (greedy), to be trained
     seed by seed, cheapest first within a seed."""
     chosen, total = [], 0.0
@@ -314,7 +314,7 @@ def fit(cells: list[Cell], limit_hours: float) -> list[Cell]:
     return sorted(chosen, key=lambda c: (c.seed, c.seconds))
 
 
-def command(cells: list[Cell]) -> list[list[str]]:
+def command(cells: list[Planned]) -> list[list[str]]:
     """The commands that train exactly these cells in this order: their data first, then each stage alone."""
     data = sorted({f"distort@{c.data}" for c in cells})
     return [["dvc", "repro", *data], ["dvc", "repro", "-s", *[c.stage for c in cells]]] if cells else []
@@ -324,7 +324,7 @@ def one_liner(cmds: list[list[str]]) -> str:
     return " && ".join(shlex.join(c) for c in cmds)
 
 
-def table(cells: list[Cell]) -> list[str]:
+def table(cells: list[Planned]) -> list[str]:
     lines = []
     for i, c in enumerate(cells, 1):
         mark = f"  {BEYOND}" if c.beyond else ""
@@ -333,14 +333,14 @@ def table(cells: list[Cell]) -> list[str]:
     return lines
 
 
-def total_line(cells: list[Cell]) -> str:
+def total_line(cells: list[Planned]) -> str:
     known = [c.seconds for c in cells if c.seconds is not None]
     unknown = len(cells) - len(known)
     return (f"total: {hours(sum(known))} for {len(known)} cells, one after another"
             + (f"; {unknown} more of unknown time" if unknown else ""))
 
 
-def report(cells: list[Cell], others: list[str], limit_hours: float | None) -> tuple[list[str], list[list[str]]]:
+def report(cells: list[Planned], others: list[str], limit_hours: float | None) -> tuple[list[str], list[list[str]]]:
     """The printed plan and the commands it proposes."""
     if not cells:
         return (["dvc repro trains no cell: every training stage is up to date"
