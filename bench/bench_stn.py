@@ -485,11 +485,11 @@ def run(a: argparse.Namespace) -> None:
     v["kornia"] = kornia.__version__
     ratio = loop["plain"] / loop["lightning"]
     outside = 1 - loop["t_model"] / loop["lightning"]
-    st_of = lambda family: t2["model"].map(  # noqa: E731
-        lambda m: model_config(m).family == family and model_config(m).transform is not None)
-    st_cnn = t2[st_of("cnn")]["× baseline"]
-    st_fcn = t2[st_of("fcn")]["× baseline"]
-    twin = t2[st_of("fcn")]["× bare-affine twin"]
+    cfgs = t2["model"].map(model_config)
+    st, family = cfgs.map(lambda c: c.transform is not None), cfgs.map(lambda c: c.family)
+    st_cnn = t2[st & (family == "cnn")]["× baseline"]
+    st_fcn = t2[st & (family == "fcn")]["× baseline"]
+    twin = t2[st & (family == "fcn")]["× bare-affine twin"]
     lines = [
         "# Benchmarks",
         "",
