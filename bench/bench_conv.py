@@ -35,12 +35,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_stn import BATCH, DISTORTIONS, PAPER_STEPS, REPO, build, fmt, race, step_fn  # noqa: E402
+from bench_stn import BATCH, DISTORTIONS, MODELS, PAPER_STEPS, REPO, build, fmt, race, step_fn  # noqa: E402
 
+from src.config import model_config  # noqa: E402
 from src.models.conv import OneChannelConv2d  # noqa: E402
 from src.runinfo import device_name, git_commit, native_bf16, versions, write_atomic  # noqa: E402
 
-CNN_MODELS = ("cnn", "st_cnn", "st_cnn_proj", "st_cnn_tps")
+CNN_MODELS = tuple(m for m in MODELS if model_config(m).family == "cnn")
 PEAK_N = 2048
 
 

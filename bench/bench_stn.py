@@ -33,6 +33,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
+import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -43,12 +44,14 @@ from src.data.warps import distort_batch, recipe, warp_of  # noqa: E402
 from src.models.module import sgd_step  # noqa: E402
 from src.runinfo import UserError, device_name, git_commit, versions, write_atomic  # noqa: E402
 from src.config import compose_config, model_config  # noqa: E402
+from src.report.aggregate import PAPER_STEPS, paper_order  # noqa: E402
 from src.stn.transformer import SpatialTransformer  # noqa: E402
 
 SIZES = (28, 42, 60)
-DISTORTIONS = ("r", "rts", "p", "e", "tc")
-MODELS = ("fcn", "st_fcn", "st_fcn_proj", "st_fcn_tps", "cnn", "st_cnn", "st_cnn_proj", "st_cnn_tps")
-PAPER_STEPS = 150_000
+GRID = yaml.safe_load((REPO / "params.yaml").read_text())  # the pipeline's grid: its models and distortions
+DISTORTIONS = tuple(GRID["distortions"])
+# the FCN family, then the CNN family, each in the paper's row order (params.yaml lists them cheapest first)
+MODELS = tuple(sorted(paper_order(GRID["models"]), key=lambda m: model_config(m).family == "cnn"))
 BATCH = 256
 
 

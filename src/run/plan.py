@@ -4,9 +4,10 @@
     python -m src.run.plan --hours 8      # the cheapest stale cells that finish in 8 h here, and the command for them
     python -m src.run.plan [--hours 8] --run   # the same, then run it (without --hours: plain `dvc repro`)
 
-The cells are the training stages (``CELL_STAGES``) that ``dvc status`` reports as changed, in the order
-``dvc repro`` runs them (DVC's own planning). A dependency that is missing and that another stage
-produces (the data of a fresh clone) is no change: the data stages regenerate it bit-identically.
+The cells are the stages whose command runs the training entry point (``TRAIN_CMD``) and that
+``dvc status`` reports as changed, in the order ``dvc repro`` runs them (DVC's own planning). A
+dependency that is missing and that another stage produces (the data of a fresh clone) is no change:
+the data stages regenerate it bit-identically.
 
 A cell's projected time comes, first, from the records of finished cells of the same model and
 distortion (``fit_seconds / steps`` × the cell's steps; the median over the records of this CPU model
@@ -36,7 +37,7 @@ BEYOND = "beyond a CPU's reach: GPU window or cluster"
 # benchmark tables: file, the column of the step time of each precision, its unit in seconds
 BENCH_TABLES = (("reports/bench/conv.md", {"32-true": "fp32 (ms)", "bf16-mixed": "bf16-mixed (ms)"}, 1e-3),
                 ("reports/benchmarks.md", {"32-true": "s / step"}, 1.0))
-CELL_STAGES = ("train@", "short@", "sens_p@", "sens_e@", "sens_rts@")  # dvc.yaml's training stages
+TRAIN_CMD = ["python", "-m", "src.train"]  # a stage whose command starts so trains a cell (train, short, sens_*)
 CODE_DEPS = "src/"  # a training-code dependency; src/run/fingerprint.json is the result it must keep
 
 
@@ -292,7 +293,7 @@ def plan(root: Path = REPO) -> tuple[list[Planned], list[str]]:
         runs, code_only = _changed(s["changes"], outs)
         if not runs:
             continue
-        if not s["stage"].startswith(CELL_STAGES):
+        if shlex.split(s["cmd"])[:len(TRAIN_CMD)] != TRAIN_CMD:
             others.append(s["stage"])
             continue
         c = stage_cell(s["stage"], s["cmd"])
