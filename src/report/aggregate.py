@@ -56,7 +56,7 @@ def row_label(model: str) -> str:
 
     cfg = model_config(model)
     family = str(cfg.family).upper()
-    return family if baseline(model) else f"ST-{family} {GRIDS[cfg.transform].label}"
+    return family if cfg.transform is None else f"ST-{family} {GRIDS[cfg.transform].label}"
 
 
 def paper_order(models: list[str]) -> list[str]:
