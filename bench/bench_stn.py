@@ -44,7 +44,7 @@ from src.data.warps import distort_batch, recipe, warp_of  # noqa: E402
 from src.models.module import sgd_step  # noqa: E402
 from src.runinfo import UserError, device_name, git_commit, versions, write_atomic  # noqa: E402
 from src.config import compose_config, model_config  # noqa: E402
-from src.report.aggregate import PAPER_STEPS, paper_order  # noqa: E402
+from src.report.aggregate import PAPER_STEPS, baseline, paper_order  # noqa: E402
 from src.stn.transformer import SpatialTransformer  # noqa: E402
 
 SIZES = (28, 42, 60)
@@ -233,7 +233,7 @@ def bare_twin(net: nn.Module) -> nn.Module:
 def baseline_of(model: str) -> str | None:
     """The plain network of a model's family (its config's ``family``, no ``transform``), if the grid has one."""
     fam = model_config(model).family
-    return next((m for m in MODELS if model_config(m).family == fam and model_config(m).transform is None), None)
+    return next((m for m in MODELS if model_config(m).family == fam and baseline(m)), None)
 
 
 def bench_overhead(dev, rounds: int, calls: int, distortions, models=None) -> pd.DataFrame:
@@ -488,8 +488,7 @@ def run(a: argparse.Namespace) -> None:
     v["kornia"] = kornia.__version__
     ratio = loop["plain"] / loop["lightning"]
     outside = 1 - loop["t_model"] / loop["lightning"]
-    cfgs = t2["model"].map(model_config)
-    st, family = cfgs.map(lambda c: c.transform is not None), cfgs.map(lambda c: c.family)
+    st, family = ~t2["model"].map(baseline), t2["model"].map(lambda m: model_config(m).family)
     st_cnn = t2[st & (family == "cnn")]["× baseline"]
     st_fcn = t2[st & (family == "fcn")]["× baseline"]
     twin = t2[st & (family == "fcn")]["× bare-affine twin"]
