@@ -387,6 +387,26 @@ def test_commit_cell_names_every_commit_in_full_and_marks_a_dirty_one():
     assert commit_cell(f"{a}-dirty+0123456789ab") == f"{a} **dirty** +0123456789ab"  # the hash of the difference
 
 
+def test_time_tables_give_each_machine_its_cells_hours_and_leave_reduced_budgets_out():
+    from src.report.aggregate import segment_devices, time_tables
+
+    amd, intel = "AMD EPYC (2 cores, 1 threads)", "Intel Xeon (2 cores, 1 threads)"
+    df = pd.DataFrame([{"model": m, "distortion": d, "run": run, "hours": h, "steps": steps, "device": dev}
+                       for m, d, run, h, steps, dev in [
+                           ("fcn", "r", True, 0.46, 150_000, amd), ("fcn", "r", True, 0.38, 150_000, amd),
+                           ("fcn", "r", True, 0.15, 150_000, intel),
+                           ("fcn", "p", True, 0.5, 150_000, amd), ("fcn", "p", True, 0.5, 150_000, amd),
+                           ("st_fcn", "r", True, 9.0, 40_000, amd),  # a reduced budget: not a cell of this table
+                           ("st_fcn", "p", False, float("nan"), float("nan"), float("nan"))]])
+    lines = "\n".join(time_tables(df, {"models": ["fcn", "st_fcn"], "distortions": ["r", "p"]}))
+    amd_part, intel_part = lines.split(f"**{intel}**")
+    assert f"**{amd}**" in amd_part and "0.38–0.46 (n=2)" in amd_part and "0.50 (n=2)" in amd_part
+    assert "9.00" not in lines and "0.15" in intel_part and "0.15" not in amd_part
+    assert time_tables(df[~df.run], {"models": ["fcn"], "distortions": ["r"]}) == ["_none yet_", ""]
+    moved = {"device": "b", "segments": [{"device": "a"}, {"device": "b"}, {"device": "b"}]}
+    assert segment_devices(moved) == "a + b" and segment_devices({"device": "a"}) == "a"
+
+
 def test_wilson_interval_of_known_cases():
     from src.report.aggregate import wilson
 

@@ -35,7 +35,7 @@ from src.report import sensitivity  # noqa: E402
 from src.cell import Cell  # noqa: E402
 from src.report.data_stats import nist_halves  # noqa: E402
 from src.report.records import (INVARIANCE, MIN_BIN_IMAGES, N_BINS, binned_error, correct, load_record,  # noqa: E402
-                         segment_commits, test_split, theta_summary, transformer)
+                         segment_commits, segment_devices, test_split, theta_summary, transformer)
 from src.runinfo import REPO, UserError, check_dvc_lock, write_atomic, write_json  # noqa: E402
 from src.config import compose_config, model_config  # noqa: E402
 
@@ -90,7 +90,7 @@ def collect(grid: dict, reports: Path) -> tuple[pd.DataFrame, dict]:
                                test_err_best=m["test"]["err_best"], val_err_last=m["val"]["err_last"],
                                val_err_best=m["val"]["err_best"],
                                n_params=m["params"]["n"], steps=m["steps"], precision=rec.precision,
-                               device=p.get("device", "?"),
+                               device=segment_devices(p),
                                hours=round(p.get("fit_seconds", float("nan")) / 3600, 2),
                                n_test=len(rec.outcomes["pred"]),  # the size of the test set it was scored on
                                commit=str(p.get("commit", "?")), commits=segment_commits(p))
@@ -534,6 +534,27 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
                                       "n_params": "params", "hours": "fit hours", "commits": "commit"})
 
 
+def span(hours: pd.Series) -> str:
+    """One cell's fit hours over its seeds: the single number, or min–max with n."""
+    h = hours.dropna().sort_values()
+    if h.empty:
+        return "–"
+    lo, hi = f"{h.iloc[0]:.2f}", f"{h.iloc[-1]:.2f}"
+    return lo if len(h) == 1 else f"{lo if lo == hi else f'{lo}–{hi}'} (n={len(h)})"
+
+
+def time_tables(df: pd.DataFrame, grid: dict) -> list[str]:
+    """Fit hours of the paper-budget cells, a table per machine: what a cell of `dvc repro` costs, from the
+    records themselves rather than copied into the docs."""
+    done = df[df.run & (df.steps == PAPER_STEPS)]
+    out = []
+    for device, g in done.groupby("device", sort=True):
+        table = pd.DataFrame({data.upper(): {row_label(m): span(g[(g.model == m) & (g.distortion == data)].hours)
+                                             for m in grid["models"]} for data in grid["distortions"]})
+        out += [f"**{device}**", "", table.to_markdown(), ""]
+    return out or ["_none yet_", ""]
+
+
 def theta_markdown(thetas: pd.DataFrame) -> str:
     """The θ table, with "–" where a transform has no such statistic."""
     return (thetas.astype(object).where(thetas.notna(), None).to_markdown(index=False, missingval="–")
@@ -754,6 +775,17 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
         "",
         "What we found about them: [analysis.md](analysis.md).",
         "",
+        f"## Time per cell ({PAPER_STEPS:,} steps)",
+        "",
+        "Fit hours per cell, every segment of a resumed run counted, from the records of the cell table below: "
+        "one CPU thread per cell, usually beside another cell on the same 2-core machine, evaluation included. "
+        "The number where one seed ran, else min–max over the n seeds. A table per machine (the record's "
+        "`device`); the precision of each model is in the cell table. A cell's time also depends on the "
+        "commit it ran at (the training loop got faster over the project) and on what shared its machine, so "
+        "read these as what the cells cost, not as a benchmark ([benchmarks.md](benchmarks.md) measures speed "
+        "side by side).",
+        "",
+        *time_tables(df, grid),
         "## Every cell that was run",
         "",
         "Budget (steps), precision (`model.precision`), fit time (every segment of a resumed run), hardware and "

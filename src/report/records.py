@@ -76,6 +76,15 @@ def segment_commits(prov: dict) -> str:
     return " → ".join(chain)
 
 
+def segment_devices(prov: dict) -> str:
+    """The distinct machines a record trained on, in order, joined by " + " (one for a run never moved)."""
+    chain = []
+    for d in [s.get("device", "?") for s in prov.get("segments", [])] or [prov.get("device", "?")]:
+        if str(d) not in chain:
+            chain.append(str(d))
+    return " + ".join(chain)
+
+
 @functools.lru_cache(maxsize=8)
 def test_split(data_dir: str, name: str) -> dict:
     """The regenerated test split of a distortion (checked against its manifest)."""
