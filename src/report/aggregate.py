@@ -547,9 +547,10 @@ def time_tables(df: pd.DataFrame, grid: dict) -> list[str]:
     """Fit hours of the paper-budget cells, a table per machine: what a cell of `dvc repro` costs, from the
     records themselves rather than copied into the docs."""
     done = df[df.run & (df.steps == PAPER_STEPS)]
+    labels = {m: row_label(m) for m in grid["models"]}
     out = []
     for device, g in done.groupby("device", sort=True):
-        table = pd.DataFrame({data.upper(): {row_label(m): span(g[(g.model == m) & (g.distortion == data)].hours)
+        table = pd.DataFrame({data.upper(): {labels[m]: span(g[(g.model == m) & (g.distortion == data)].hours)
                                              for m in grid["models"]} for data in grid["distortions"]})
         out += [f"**{device}**", "", table.to_markdown(), ""]
     return out or ["_none yet_", ""]

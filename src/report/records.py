@@ -69,20 +69,14 @@ def segment_commits(prov: dict) -> str:
     """The distinct commits of a record's training segments in order, joined by " → " (the first is the commit
     at its start, ``provenance['commit']``; a resumed run adds the commit it resumed at). Each in full, with
     its "-dirty" suffix where src/ or conf/ had uncommitted changes."""
-    chain = []
-    for c in [prov.get("commit", "?")] + [s.get("commit", "?") for s in prov.get("segments", [])]:
-        if str(c) not in chain:
-            chain.append(str(c))
-    return " → ".join(chain)
+    commits = [prov.get("commit", "?")] + [s.get("commit", "?") for s in prov.get("segments", [])]
+    return " → ".join(dict.fromkeys(map(str, commits)))  # distinct, in order
 
 
 def segment_devices(prov: dict) -> str:
     """The distinct machines a record trained on, in order, joined by " + " (one for a run never moved)."""
-    chain = []
-    for d in [s.get("device", "?") for s in prov.get("segments", [])] or [prov.get("device", "?")]:
-        if str(d) not in chain:
-            chain.append(str(d))
-    return " + ".join(chain)
+    devices = [s.get("device", "?") for s in prov.get("segments", [])] or [prov.get("device", "?")]
+    return " + ".join(dict.fromkeys(map(str, devices)))
 
 
 @functools.lru_cache(maxsize=8)
