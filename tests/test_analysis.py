@@ -10,7 +10,11 @@ characters of punctuation (``):``, ``:``, ``**``), then the figure with two deci
   seed of that model and distortion, the number of seeds included, to two decimals as results.md
   rounds them;
 - ``reports/short/metrics/…`` names a record of the reduced budget, ``reports/sensitivity/metrics/…`` (e.g.
-  ``0-fcn-p_sigma2``) one of the sensitivity study.
+  ``0-fcn-p_sigma2``) one of the sensitivity study;
+- a factor to the paper right after a full-budget figure is checked too, on the unrounded records and
+  to the decimals written, against conf/reference/paper.yaml: ``**2.72 ± 0.06 %**, 1.29× the paper's``
+  (ours / paper), and the flagged list's ``: 9.24 %; paper 3.1, 3.0×)`` (the paper's number, and the
+  factor off it either way) or ``; paper 3.2, the paper's 1.5× ours)``.
 
 A backticked reference followed closely by a percentage in any other form fails, so a figure cannot
 slip past the check by being written differently. Cells of the earlier table (commit 18c9714, no
@@ -24,10 +28,12 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import yaml
 
 from src.runinfo import REPO
 
 ANALYSIS = REPO / "reports" / "analysis.md"
+PAPER = yaml.safe_load((REPO / "conf" / "reference" / "paper.yaml").read_text())["err"]
 
 REF = (r"`(?:reports/(?P<short>short/|sensitivity/)?metrics/)?(?P<seed>\d+|\*)-(?P<model>[a-z][a-z_]*)"
        r"-(?P<data>(?:rts|tc|r|p|e)(?:_[a-z0-9_]+)?)(?P<ext>\.json)?`")
@@ -36,6 +42,8 @@ QUOTE = re.compile(REF + r"(?P<mean>,\s+mean\s+of\s+(?P<n>\d+)\s+seeds)?"
 REF_RE = re.compile(REF)
 NEAR = re.compile(r"\d+(?:\.\d+)?\s*%|±")  # a figure closely after a reference
 NEAR_CHARS = 40
+FACTOR = re.compile(r"\**(?:,\s+one\s+seed(?:,\s+in\s+`[^`]+`)?)?[\s,;(]*(?:(?P<of>\d+\.\d+)×\s+the\s+paper's"
+                    r"|paper\s+(?P<paper>\d+(?:\.\d+)?),\s+(?P<theirs>the\s+paper's\s+)?(?P<off>\d+\.\d+)×)")
 
 
 @dataclass
@@ -59,6 +67,26 @@ def records(short: str | bool, model: str, data: str, seed: str) -> dict[int, fl
     return out
 
 
+def factor_quote(ref: str, f: re.Match, ours: float | None, paper: float | None) -> Quote:
+    """The factor to the paper written after a figure (``FACTOR``) against the records' own: ours / paper for
+    "x× the paper's", the factor off the paper either way for "paper y, x×", paper / ours for "the paper's x×
+    ours"; to the decimals written."""
+    written = f.group("of") or f.group("off")
+    quoted = " ".join(f.group(0).strip("*,;( \n").split())
+    if ours is None or paper is None or ours <= 0:
+        return Quote(ref, quoted, "no record or no paper number", False)
+    if f.group("of"):
+        factor = ours / paper
+    elif f.group("theirs"):
+        factor = paper / ours
+    else:
+        factor = max(ours / paper, paper / ours)
+    decimals = len(written.split(".")[1])
+    expected = f"{factor:.{decimals}f}×" + (f", paper {paper:g}" if f.group("paper") else "")
+    got = f"{written}×" + (f", paper {float(f.group('paper')):g}" if f.group("paper") else "")
+    return Quote(ref, quoted, expected, got == expected)
+
+
 def check(text: str) -> tuple[list[Quote], list[str]]:
     """The quoted figures of a text with their verdicts, and the references followed by a percentage
     that is not in the convention's form."""
@@ -80,12 +108,17 @@ def check(text: str) -> tuple[list[Quote], list[str]]:
             n_ok = int(m.group("n")) == len(vals)
             quotes.append(Quote(ref, f"{quoted} (n={m.group('n')})", f"{expected} (n={len(vals)})",
                                 n_ok and quoted == expected))
+            ours = float(vals.mean()) if len(vals) else None
         else:
             if m.group("mean") or m.group("sd"):
                 quotes.append(Quote(ref, quoted, "one run has no mean or std", False))
                 continue
             expected = f"{errs[int(seed)]:.2f}" if int(seed) in errs else "no record"
             quotes.append(Quote(ref, quoted, expected, quoted == expected))
+            ours = errs.get(int(seed))
+        f = FACTOR.match(text, m.end())
+        if f and not short:
+            quotes.append(factor_quote(ref, f, ours, PAPER.get(model, {}).get(data)))
     for m in REF_RE.finditer(text):
         if m.start() in matched:
             continue
@@ -133,6 +166,29 @@ def test_check_catches_doctored_figures():
                        f"(`{s}-fcn-r`: {r[s]:.1f} %)"):
         quotes, malformed = check(other_form)
         assert not quotes and malformed, other_form
+
+
+def test_check_catches_a_doctored_factor_to_the_paper():
+    """Each form of the factor to the paper is checked on the records: the right factor passes, one off by a
+    unit of its last decimal fails, and so does a wrong paper number."""
+    r = records(False, "fcn", "p", "*")
+    assert r, "the FCN on P has records"
+    vals = np.array([r[k] for k in sorted(r)])
+    mean, n, paper = vals.mean(), len(vals), PAPER["fcn"]["p"]
+    head = f"(`*-fcn-p`, mean of {n} seeds: {mean:.2f} %"
+    right = (f"{head}; paper {paper:g}, {mean / paper:.1f}×)",
+             f"(`reports/metrics/*-fcn-p.json`, mean of {n} seeds): **{mean:.2f} %**, {mean / paper:.2f}× the paper's",
+             f"{head}; paper {paper:g}, the paper's {paper / mean:.1f}× ours)")
+    wrong = (f"{head}; paper {paper:g}, {mean / paper + 0.1:.1f}×)",
+             f"{head}; paper {paper + 1:g}, {mean / paper:.1f}×)",
+             f"(`reports/metrics/*-fcn-p.json`, mean of {n} seeds): **{mean:.2f} %**, {mean / paper + 0.01:.2f}× the paper's",
+             f"{head}; paper {paper:g}, the paper's {paper / mean + 0.1:.1f}× ours)")
+    for text in right:
+        quotes, _ = check(text)
+        assert len(quotes) == 2 and all(q.ok for q in quotes), (text, quotes)
+    for text in wrong:
+        quotes, _ = check(text)
+        assert len(quotes) == 2 and quotes[0].ok and not quotes[1].ok, (text, quotes)
 
 
 COUNT = re.compile(r"the records in `reports/metrics/`, (?P<n>\d+) of\s+the grid's (?P<total>\d+) cells")
