@@ -28,12 +28,12 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-import yaml
 
+from src.report.aggregate import reference
 from src.runinfo import REPO
 
 ANALYSIS = REPO / "reports" / "analysis.md"
-PAPER = yaml.safe_load((REPO / "conf" / "reference" / "paper.yaml").read_text())["err"]
+PAPER = reference("paper")["err"]
 
 REF = (r"`(?:reports/(?P<short>short/|sensitivity/)?metrics/)?(?P<seed>\d+|\*)-(?P<model>[a-z][a-z_]*)"
        r"-(?P<data>(?:rts|tc|r|p|e)(?:_[a-z0-9_]+)?)(?P<ext>\.json)?`")

@@ -39,8 +39,15 @@ from src.report.records import (INVARIANCE, MIN_BIN_IMAGES, N_BINS, binned_error
 from src.runinfo import REPO, UserError, check_dvc_lock, write_atomic, write_json  # noqa: E402
 from src.config import compose_config, model_config  # noqa: E402
 
-# the paper's Table 1 rows, in its order (conf/reference/paper.yaml): the report's row order and one colour per model
-PAPER_ROWS = list(yaml.safe_load((REPO / "conf/reference/paper.yaml").read_text())["err"])
+
+def reference(name: str, root: Path = REPO) -> dict:
+    """A table of conf/reference/ (``paper``: the paper's Table 1; ``seed_report``): one reader for the report and
+    the tests that check its prose."""
+    return yaml.safe_load((root / "conf" / "reference" / f"{name}.yaml").read_text())
+
+
+# the paper's Table 1 rows, in its order: the report's row order and one colour per model
+PAPER_ROWS = list(reference("paper")["err"])
 COLORS = {model: f"C{i}" for i, model in enumerate(PAPER_ROWS)}  # in every figure
 
 
@@ -806,8 +813,7 @@ def aggregate(root: Path = REPO) -> pd.DataFrame:
     grid["models"] = paper_order(grid["models"])
     short_grid = {**params["short"], "models": paper_order(params["short"]["models"])}  # dvc.yaml's short@ stages
     reports, data_dir = root / "reports", root / "data" / "distorted"
-    paper = yaml.safe_load((root / "conf/reference/paper.yaml").read_text())
-    seed = yaml.safe_load((root / "conf/reference/seed_report.yaml").read_text())
+    paper, seed = reference("paper", root), reference("seed_report", root)
     refs = {"paper": paper["err"], "seed": seed["err"], "sources": f"{paper['source']}; {seed['source']}."}
     steps = {p: OmegaConf.load(root / "conf/trainer" / f"{p}.yaml").max_steps for p in (grid["profile"], "short")}
     table_ckpt = OmegaConf.load(root / "conf/config.yaml").eval.table_ckpt
