@@ -16,6 +16,10 @@ characters of punctuation (``):``, ``:``, ``**``), then the figure with two deci
   (ours / paper), and the flagged list's ``: 9.24 %; paper 3.1, 3.0×)`` (the paper's number, and the
   factor off it either way) or ``; paper 3.2, the paper's 1.5× ours)``.
 
+- a range of per-bin errors: ``(`*-st_fcn_tps-rts`, per bin, 3 seeds pooled: 0.68–1.88 %)`` (or ``(`0-st_cnn-rts`,
+  per bin: 0.22–1.48 %)`` for a model with one seed), checked against the lowest and highest bin of that
+  model's column in results.md's "Test error by distortion strength" (seeds pooled, n beside the model).
+
 A backticked reference followed closely by a percentage in any other form fails, so a figure cannot
 slip past the check by being written differently. Cells of the earlier table (commit 18c9714, no
 longer in reports/) are quoted without a backticked reference and are not checked.
@@ -39,6 +43,8 @@ REF = (r"`(?:reports/(?P<short>short/|sensitivity/)?metrics/)?(?P<seed>\d+|\*)-(
        r"-(?P<data>(?:rts|tc|r|p|e)(?:_[a-z0-9_]+)?)(?P<ext>\.json)?`")
 QUOTE = re.compile(REF + r"(?P<mean>,\s+mean\s+of\s+(?P<n>\d+)\s+seeds)?"
                    r"[\s:)*]{0,8}(?P<err>\d+\.\d\d)(?:\s*±\s*(?P<sd>\d+\.\d\d))?\s*%")
+PER_BIN = re.compile(REF + r",\s+per\s+bin(?:,\s+(?P<n>\d+)\s+seeds\s+pooled)?:\s+"
+                     r"(?P<lo>\d+\.\d\d)–(?P<hi>\d+\.\d\d)\s*%")
 REF_RE = re.compile(REF)
 NEAR = re.compile(r"\d+(?:\.\d+)?\s*%|±")  # a figure closely after a reference
 NEAR_CHARS = 40
@@ -87,10 +93,48 @@ def factor_quote(ref: str, f: re.Match, ours: float | None, paper: float | None)
     return Quote(ref, quoted, expected, got == expected)
 
 
+def bin_columns() -> dict[tuple[str, str], tuple[int, list[float]]]:
+    """{(distortion, model label): (n seeds pooled, per-bin errors)} from results.md's "Test error by distortion
+    strength" tables (a cell reads "1.65 [1.22, 2.21]": the error, then its interval)."""
+    text = (REPO / "reports" / "results.md").read_text()
+    section = text[text.index("## Test error by distortion strength"):]
+    section = section[:section.index("\n## ", 1)]
+    out = {}
+    parts = re.split(r"^\*\*(\w+)\*\*$", section, flags=re.M)
+    for data, block in zip(parts[1::2], parts[2::2]):
+        rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.splitlines()
+                if line.startswith("|")]
+        for j, head in enumerate(rows[0][2:], start=2):
+            m = re.fullmatch(r"(.+) \(n=(\d+)\)", head)
+            errs = [float(r[j].split()[0]) for r in rows[2:] if re.match(r"\d", r[j])]
+            out[(data.lower(), m.group(1))] = (int(m.group(2)), errs)
+    return out
+
+
+def per_bin_quote(m: re.Match, columns: dict) -> Quote:
+    """A range of per-bin errors (``PER_BIN``) against the lowest and highest bin of its model's column."""
+    from src.report.aggregate import row_label
+
+    ref = REF_RE.match(m.string, m.start()).group(0)
+    quoted = f"{m.group('lo')}–{m.group('hi')} % (n={m.group('n') or 1})"
+    column = columns.get((m.group("data"), row_label(m.group("model"))))
+    if column is None or m.group("short"):
+        return Quote(ref, quoted, "no per-bin column in results.md", False)
+    n, errs = column
+    seeds = records(False, m.group("model"), m.group("data"), "*").keys()
+    seed_ok = m.group("seed") == "*" or (n == 1 and not m.group("n") and seeds == {int(m.group("seed"))})
+    expected = f"{min(errs):.2f}–{max(errs):.2f} % (n={n})"
+    return Quote(ref, quoted, expected, seed_ok and quoted == expected)
+
+
 def check(text: str) -> tuple[list[Quote], list[str]]:
     """The quoted figures of a text with their verdicts, and the references followed by a percentage
     that is not in the convention's form."""
     quotes, malformed, matched = [], [], set()
+    columns = bin_columns() if PER_BIN.search(text) else {}
+    for m in PER_BIN.finditer(text):
+        matched.add(m.start())
+        quotes.append(per_bin_quote(m, columns))
     for m in QUOTE.finditer(text):
         matched.add(m.start())
         ref = REF_RE.match(text, m.start()).group(0)
@@ -189,6 +233,23 @@ def test_check_catches_a_doctored_factor_to_the_paper():
     for text in wrong:
         quotes, _ = check(text)
         assert len(quotes) == 2 and quotes[0].ok and not quotes[1].ok, (text, quotes)
+
+
+def test_check_catches_a_doctored_per_bin_range():
+    """A per-bin range passes when it is its model's column in results.md, and fails one unit off at either
+    end, with a wrong number of seeds, or for a seed that is not the column's only one."""
+    n, errs = bin_columns()[("r", "ST-FCN Aff")]
+    lo, hi = min(errs), max(errs)
+    right = f"(`*-st_fcn-r`, per bin, {n} seeds pooled: {lo:.2f}–{hi:.2f} %)"
+    wrong = (f"(`*-st_fcn-r`, per bin, {n} seeds pooled: {lo + 0.01:.2f}–{hi:.2f} %)",
+             f"(`*-st_fcn-r`, per bin, {n} seeds pooled: {lo:.2f}–{hi - 0.01:.2f} %)",
+             f"(`*-st_fcn-r`, per bin, {n + 1} seeds pooled: {lo:.2f}–{hi:.2f} %)",
+             f"(`0-st_fcn-r`, per bin: {lo:.2f}–{hi:.2f} %)")
+    quotes, malformed = check(right)
+    assert len(quotes) == 1 and quotes[0].ok and not malformed, quotes
+    for text in wrong:
+        quotes, malformed = check(text)
+        assert len(quotes) == 1 and not quotes[0].ok and not malformed, (text, quotes)
 
 
 COUNT = re.compile(r"the records in `reports/metrics/`, (?P<n>\d+) of\s+the grid's (?P<total>\d+) cells")
