@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from src.report.aggregate import reference
+from src.report.aggregate import reference, row_label
 from src.runinfo import REPO
 
 ANALYSIS = REPO / "reports" / "analysis.md"
@@ -113,8 +113,6 @@ def bin_columns() -> dict[tuple[str, str], tuple[int, list[float]]]:
 
 def per_bin_quote(m: re.Match, columns: dict) -> Quote:
     """A range of per-bin errors (``PER_BIN``) against the lowest and highest bin of its model's column."""
-    from src.report.aggregate import row_label
-
     ref = REF_RE.match(m.string, m.start()).group(0)
     quoted = f"{m.group('lo')}–{m.group('hi')} % (n={m.group('n') or 1})"
     column = columns.get((m.group("data"), row_label(m.group("model"))))
