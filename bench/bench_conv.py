@@ -43,6 +43,8 @@ from src.runinfo import device_name, git_commit, native_bf16, versions, write_at
 
 CNN_MODELS = tuple(m for m in MODELS if model_config(m).family == "cnn")
 PEAK_N = 2048
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+EMULATED_PEAK_N = 512  # the bf16 matmul without native bfloat16: emulated at ~1 GFLOP/s, 2048² would take ~20 s a call
 
 
 def before_twin(net: nn.Module) -> nn.Module:
@@ -72,9 +74,14 @@ def step_flops(net: nn.Module, hw: int) -> int:
     return fc.get_total_flops()
 
 
-def matmul(dtype):
-    a, b = torch.randn(PEAK_N, PEAK_N, dtype=dtype), torch.randn(PEAK_N, PEAK_N, dtype=dtype)
+def matmul(dtype, n: int = PEAK_N):
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return lambda: a @ b
+
+
+def peak_sizes() -> dict[str, int]:
+    """The matmul size of each precision's peak on this CPU."""
+    return {"fp32": PEAK_N, "bf16": PEAK_N if native_bf16() else EMULATED_PEAK_N}
 
 
 def compiled(net: nn.Module) -> nn.Module:
@@ -86,6 +93,7 @@ def compiled(net: nn.Module) -> nn.Module:
 
 def bench(models, distortions, rounds: int, compile_: bool = False) -> tuple[pd.DataFrame, dict]:
     peak_s: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    n_peak = peak_sizes()
     rows = []
     for d in distortions:
         for m in models:
@@ -97,13 +105,13 @@ def bench(models, distortions, rounds: int, compile_: bool = False) -> tuple[pd.
             cpu = torch.device("cpu")
             sides = {"before": step_fn(before, hw, cpu), "fp32": step_fn(net, hw, cpu),
                      "bf16": step_fn(copy.deepcopy(net), hw, cpu, bf16=True),
-                     "peak fp32": matmul(torch.float32), "peak bf16": matmul(torch.bfloat16)}
+                     **{f"peak {p}": matmul(dtype, n_peak[p]) for p, dtype in PEAK_DTYPES.items()}}
             if compile_:
                 sides["compiled"] = step_fn(compiled(net), hw, cpu, bf16=True)
                 for _ in range(2):  # compile (forward and backward graphs) before the clock starts
                     sides["compiled"]()
             t = race(sides, cpu, rounds=2 if heavy else rounds, calls=1 if heavy else 3)
-            peak = {p: 2 * PEAK_N ** 3 / t[f"peak {p}"] for p in ("fp32", "bf16")}
+            peak = {p: 2 * n_peak[p] ** 3 / t[f"peak {p}"] for p in ("fp32", "bf16")}
             for p in peak_s:
                 peak_s[p].append(peak[p])
             rows.append({
@@ -134,8 +142,10 @@ def report(df: pd.DataFrame, peak: dict, a: argparse.Namespace) -> str:
         f"{torch.get_num_threads()} thread(s). Native bfloat16: "
         f"{', '.join(native_bf16()) or 'none (bf16-mixed is emulated here, slower than fp32)'}.", "",
         "One SGD step at batch 256 (forward, backward, momentum update), median over "
-        f"{a.rounds} interleaved rounds (2 for the steps above 20 GFLOP), raced against a 2048² matmul of each "
-        "precision on the same thread, so that a loaded machine slows both sides alike. `before`: the network as "
+        f"{a.rounds} interleaved rounds (2 for the steps above 20 GFLOP), raced against a "
+        + ("2048² matmul of each precision" if native_bf16()
+           else f"{PEAK_N}² fp32 and {EMULATED_PEAK_N}² bf16 matmul (bf16 is emulated here, too slow for 2048²)")
+        + " on the same thread, so that a loaded machine slows both sides alike. `before`: the network as "
         "built before the convolution path (float32, NCHW, ReLU before max-pool, the library's input gradient "
         "for the first convolution); `fp32` / `bf16-mixed`: the network as `src.models` builds it now, in float32 "
         "and under the `bf16-mixed` autocast of `model.precision`. FLOPs: FlopCounterMode, forward + backward."
