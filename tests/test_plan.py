@@ -44,7 +44,8 @@ def record(root, key: str, model: str, data: str, steps: int, seconds: float, de
 
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
-    """Records and a benchmark in tmp_path, a fake `dvc status` in dvc repro's order, this machine an AMD EPYC."""
+    """Records and a benchmark in tmp_path, a fake `dvc status` in dvc repro's order, this machine an AMD EPYC
+    with native bfloat16."""
     record(tmp_path, "0-fcn-e", "fcn", "e", 150_000, 900)
     record(tmp_path, "2-fcn-e", "fcn", "e", 150_000, 1100)
     record(tmp_path, "1-fcn-e", "fcn", "e", 150_000, 300, device="Intel(R) Xeon(R) Processor (2 cores, 1 threads)")
@@ -67,6 +68,7 @@ def repo(tmp_path, monkeypatch):
     fake = [{"stage": s, "cmd": c, "changes": ch} for s, c, ch in stages]
     monkeypatch.setattr(plan_mod, "repro_stages", lambda root: (fake, {"data/raw", "data/distorted/r"}))
     monkeypatch.setattr(plan_mod, "run_device", lambda accelerator: (AMD, True))
+    monkeypatch.setattr(plan_mod, "native_bf16", lambda: ["avx512_bf16"])  # like the CPUs of the records
     return tmp_path
 
 
@@ -133,8 +135,31 @@ def test_a_gpu_cell_counts_only_its_own_records_and_is_never_beyond_reach(repo):
                        seconds=100 * 3600).beyond
 
 
+def test_a_bf16_cell_on_a_cpu_without_native_bf16_is_projected_as_emulated_not_as_the_records(repo, monkeypatch):
+    """The bf16 records come from CPUs with native bfloat16; emulated, the same cell takes many times longer."""
+    records = plan_mod.load_records(repo / "reports")
+    emulated = CONV.replace(" 400 |", " 500 |").replace(" 200 |", " 3000 |") + \
+        "\nNative bfloat16: none (bf16-mixed is emulated here, slower than fp32).\n"
+    (repo / "reports" / "bench" / "conv_no_native_bf16.md").write_text(emulated)
+    bench = load_bench(repo)
+    assert [b.native for b in bench] == [None, False]
+    native = project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, native=True)
+    assert native[0] == pytest.approx(150_000 * 0.1 * 0.5)  # the fp32 record ×200/400: the emulated table never serves
+    seconds, source = project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, native=False)
+    assert seconds == pytest.approx(150_000 * 0.1 * 6)  # the record as 32-true, emulated ×3000/500
+    assert source == "record 0-cnn-r as 32-true, ×6.00 for bf16-mixed emulated here (conv_no_native_bf16.md)"
+    assert project("cnn", "r", 150_000, "32-true", AMD, records, bench, native=False) == (15_000, "record 0-cnn-r")
+    assert project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench[:1], native=False) == \
+        (None, "bf16-mixed emulated here (no native bfloat16), and no benchmark of that")
+    monkeypatch.setattr(plan_mod, "native_bf16", lambda: [])
+    cells, others = plan(repo)
+    assert [c.stage for c in cells if c.emulated] == ["train@0-cnn-tc", "train@0-st_cnn_tps-p", "short@0-cnn-r"]
+    lines = "\n".join(report(cells, others, None)[0])
+    assert "3 cells in bf16-mixed run emulated on this CPU (no AMX or AVX512-BF16)" in lines
+
+
 def test_the_committed_benchmarks_parse_for_every_cell_of_the_grid():
-    bench = dict(load_bench(REPO))
+    bench = {b.name: b.rows for b in load_bench(REPO)}
     conv, grid = bench["reports/bench/conv.md"], bench["reports/benchmarks.md"]
     cnn = {"cnn", "st_cnn", "st_cnn_proj", "st_cnn_tps"}
     assert {(r.model, r.data, r.precision) for r in conv} == \

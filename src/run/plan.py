@@ -13,7 +13,10 @@ A cell's projected time comes, first, from the records of finished cells of the 
 distortion (``fit_seconds / steps`` × the cell's steps; the median over the records of this CPU model
 and the cell's precision, else the nearest: another CPU, another precision scaled by the benchmark's
 bf16/fp32 ratio); else from a benchmark table (reports/bench/conv.md for the CNN family, section 4 of
-reports/benchmarks.md), calibrated by the records that both have; else it is unknown. Each number
+reports/benchmarks.md), calibrated by the records that both have; else it is unknown. A ``bf16-mixed`` cell
+on a CPU without native bfloat16 (no AMX or AVX512-BF16) runs emulated, many times slower than the records
+and the benchmark of a CPU with it: its time is the cell's ``32-true`` projection × the bf16/fp32 ratio of a
+benchmark table made on such a CPU (its header says "Native bfloat16: none"), else unknown. Each number
 says where it came from. A cell projected beyond ``REACH_HOURS`` on a CPU is marked: train it on a
 GPU (docs/operations.md "GPU window") or on a cluster (docs/operations.md "A cluster").
 """
@@ -30,13 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.config import model_config, precision_of
-from src.runinfo import REPO, UserError, check_dvc_lock
+from src.runinfo import REPO, UserError, check_dvc_lock, native_bf16
 
 REACH_HOURS = 24.0  # a cell projected beyond this on a CPU: the GPU window or the cluster
 BEYOND = "beyond a CPU's reach: GPU window or cluster"
 # benchmark tables: file, the column of the step time of each precision, its unit in seconds
-BENCH_TABLES = (("reports/bench/conv.md", {"32-true": "fp32 (ms)", "bf16-mixed": "bf16-mixed (ms)"}, 1e-3),
+CONV_COLUMNS = {"32-true": "fp32 (ms)", "bf16-mixed": "bf16-mixed (ms)"}
+BENCH_TABLES = (("reports/bench/conv.md", CONV_COLUMNS, 1e-3),
+                ("reports/bench/conv_no_native_bf16.md", CONV_COLUMNS, 1e-3),  # bf16-mixed emulated
                 ("reports/benchmarks.md", {"32-true": "s / step"}, 1.0))
+BF16 = "bf16-mixed"
 TRAIN_CMD = ["python", "-m", "src.train"]  # a stage whose command starts so trains a cell (train, short, sens_*)
 CODE_DEPS = "src/"  # a training-code dependency; src/run/fingerprint.json is the result it must keep
 
@@ -90,8 +96,22 @@ def md_tables(text: str) -> list[list[dict]]:
     return tables
 
 
-def load_bench(root: Path) -> list[tuple[str, list[Measured]]]:
-    """Each benchmark table's step times: [(file, rows)], in the order they are consulted."""
+@dataclass
+class Bench:
+    """One benchmark file's step times, and whether its CPU had native bfloat16 (None: not said)."""
+    name: str
+    rows: list[Measured]
+    native: bool | None = None
+
+
+def native_of(text: str) -> bool | None:
+    """'Native bfloat16: none (…)' → False, 'Native bfloat16: avx512_bf16.' → True, no such line → None."""
+    _, found, rest = text.partition("Native bfloat16: ")
+    return None if not found else not rest.startswith("none")
+
+
+def load_bench(root: Path) -> list[Bench]:
+    """Each benchmark table's step times, in the order they are consulted."""
     out = []
     for name, columns, unit in BENCH_TABLES:
         try:
@@ -109,16 +129,28 @@ def load_bench(root: Path) -> list[tuple[str, list[Measured]]]:
                     except (KeyError, ValueError):
                         pass
         if rows:
-            out.append((name, rows))
+            out.append(Bench(name, rows, native_of(text)))
     return out
 
 
 # ------------------------------------------------------------------ the projection
 
 def project(model: str, data: str, steps: int, precision: str, device: str, records: list[Measured],
-            bench: list[tuple[str, list[Measured]]], cpu: bool = True) -> tuple[float | None, str]:
+            bench: list[Bench], cpu: bool = True, native: bool | None = None) -> tuple[float | None, str]:
     """(seconds, where the number comes from) of one cell of ``steps`` steps on ``device`` (a CPU, or a GPU:
-    only its own records count there); (None, why) if unknown."""
+    only its own records count there); (None, why) if unknown. ``native``: does this CPU have native bfloat16
+    (None: assume the records' CPUs are like it)."""
+    emulated = [b for b in bench if b.native is False]
+    bench = [b for b in bench if b.native is not False]  # their bf16 times serve only the emulated case below
+    if cpu and precision == BF16 and native is False:
+        found = next(((b, r) for b in emulated if (r := _precision_ratio(model, data, "32-true", BF16, [b]))), None)
+        if found is None:
+            return None, "bf16-mixed emulated here (no native bfloat16), and no benchmark of that"
+        s, what = project(model, data, steps, "32-true", device, records, bench, cpu)
+        if s is None:
+            return None, what
+        (table, ratio) = found
+        return s * ratio, f"{what} as 32-true, ×{ratio:.2f} for bf16-mixed emulated here ({Path(table.name).name})"
     here = machine(device)
     records = [r for r in records if r.cpu == cpu and (cpu or r.device == here)]
     same = [r for r in records if (r.model, r.data) == (model, data)]
@@ -136,19 +168,19 @@ def project(model: str, data: str, steps: int, precision: str, device: str, reco
             what += f" at {pick[0].precision}" + (f" ×{ratio:.2f} ({precision} by the benchmark)" if ratio else "")
         return s * steps, what
     if cpu:  # the benchmark tables time a CPU core
-        for name, rows in bench:
-            row = next((r for r in rows if (r.model, r.data, r.precision) == (model, data, precision)), None)
+        for b in bench:
+            row = next((r for r in b.rows if (r.model, r.data, r.precision) == (model, data, precision)), None)
             if row is None:
                 continue
-            factor, n = _calibration(rows, records, here)
-            what = Path(name).name + (f" ×{factor:.2f} (calibrated on {_n(n, 'record')})" if n else " (step only)")
+            factor, n = _calibration(b.rows, records, here)
+            what = Path(b.name).name + (f" ×{factor:.2f} (calibrated on {_n(n, 'record')})" if n else " (step only)")
             return row.s_per_step * factor * steps, what
     return None, "no record or benchmark" if cpu else f"no record on {here}"
 
 
 def _precision_ratio(model, data, have, want, bench) -> float | None:
-    for _, rows in bench:
-        t = {r.precision: r.s_per_step for r in rows if (r.model, r.data) == (model, data)}
+    for b in bench:
+        t = {r.precision: r.s_per_step for r in b.rows if (r.model, r.data) == (model, data)}
         if have in t and want in t:
             return t[want] / t[have]
     return None
@@ -194,7 +226,7 @@ def start_line(cfg, label: str) -> str:
     try:
         device, cpu = run_device(cfg.trainer.accelerator)
         seconds, _ = project(str(cfg.model.name), str(cfg.data.name), steps, precision, device,
-                             load_records(REPO / "reports"), load_bench(REPO), cpu)
+                             load_records(REPO / "reports"), load_bench(REPO), cpu, bool(native_bf16()))
     except Exception:  # noqa: BLE001 - a projection never stops a run
         pass
     return f"{label}: {steps} steps on {device}, precision {precision}, projected {hours(seconds)}"
@@ -254,6 +286,7 @@ class Planned:
     seconds: float | None = None
     source: str = ""
     code_only: bool = False
+    emulated: bool = False  # bf16-mixed on a CPU without native bfloat16
 
     @property
     def beyond(self) -> bool:
@@ -287,7 +320,7 @@ def stage_cell(stage: str, cmd: str) -> Planned:
 def plan(root: Path = REPO) -> tuple[list[Planned], list[str]]:
     """The cells ``dvc repro`` would train, in its order, each projected; and the other stages it would run."""
     stages, outs = repro_stages(root)
-    records, bench = load_records(root / "reports"), load_bench(root)
+    records, bench, native = load_records(root / "reports"), load_bench(root), bool(native_bf16())
     cells, others = [], []
     for s in stages:
         runs, code_only = _changed(s["changes"], outs)
@@ -297,8 +330,10 @@ def plan(root: Path = REPO) -> tuple[list[Planned], list[str]]:
             others.append(s["stage"])
             continue
         c = stage_cell(s["stage"], s["cmd"])
-        c.seconds, c.source = project(c.model, c.data, c.steps, c.precision, c.device, records, bench, c.cpu)
+        c.seconds, c.source = project(c.model, c.data, c.steps, c.precision, c.device, records, bench, c.cpu,
+                                      native)
         c.code_only = code_only
+        c.emulated = c.cpu and c.precision == BF16 and not native
         cells.append(c)
     return cells, others
 
@@ -360,6 +395,11 @@ def report(cells: list[Planned], others: list[str], limit_hours: float | None) -
         lines.append(f"{_n(len(beyond), 'cell')} {verb} more than {REACH_HOURS:g} h each here, beyond a CPU's reach: "
                      f"train them in a GPU window (docs/operations.md \"GPU window\", python -m src.ops.window) "
                      f"or on a cluster (docs/operations.md \"A cluster\", Hydra's submitit launcher).")
+    emulated = [c for c in cells if c.emulated]
+    if emulated:
+        lines.append(f"{_n(len(emulated), 'cell')} in bf16-mixed {'runs' if len(emulated) == 1 else 'run'} emulated on "
+                     "this CPU (no AMX or AVX512-BF16), many times slower than on one with native bfloat16: train "
+                     f"{'it' if len(emulated) == 1 else 'them'} there or on a GPU, and the FCN family here.")
     code = [c for c in cells if c.code_only]
     if code:
         lines.append(f"{len(code)} of these cells {'is' if len(code) == 1 else 'are'} stale only through training code "
