@@ -285,8 +285,8 @@ INVARIANCE_COLUMNS = ["data", "model", "lo", "hi", "mid", "n", "seeds", "trials"
 
 
 def invariance(grid: dict, records: dict, data_dir: Path, min_images: int = MIN_BIN_IMAGES) -> pd.DataFrame:
-    """Test error binned by the recorded distortion strength (R: angle, RTS: scale, P: corner displacement;
-    ``strength_bins``: N_BINS equal-width bins, those under ``min_images`` test images merged), every model with
+    """Test error binned by the recorded distortion strength (conf/report/invariance.yaml: R angle, RTS scale,
+    P corner displacement, E control-point move, TC distance from the centre; ``strength_bins``: N_BINS equal-width bins, those under ``min_images`` test images merged), every model with
     a record, the seeds of a cell pooled (wrong predictions and predictions summed over them): columns data,
     model, lo, hi, mid, n (test images per bin), seeds, trials (n × seeds), wrong, err and its 95 % Wilson
     interval ci_lo, ci_hi (%)."""
@@ -309,8 +309,12 @@ def plot_invariance(grid: dict, inv: pd.DataFrame, path: Path) -> None:
     Wilson interval, on a log scale fitted to the intervals (sparse bins are merged before, so none sets it);
     baselines dashed, ST models solid, the models of a panel drawn a little apart along x."""
     panels = [d for d in INVARIANCE if d in grid["distortions"]]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4.6), squeeze=False)
-    for ax, data in zip(axes[0], panels):
+    cols = min(max(len(panels), 1), 3)
+    rows = -(-max(len(panels), 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 5.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) or 1:]:  # a 2 × 3 grid holds five panels
+        ax.set_visible(False)
+    for ax, data in zip(axes.flat, panels):
         label = INVARIANCE[data][0]
         d = inv[inv.data == data]
         models = [m for m in grid["models"] if (d.model == m).any()]
@@ -707,7 +711,7 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
             "by distortion strength (bins, pooling and intervals as in the section \"Test error by distortion "
             "strength\" below):",
             "",
-            *(invariance_tables(short.inv) or ["_no R, RTS or P cell run yet_", ""]),
+            *(invariance_tables(short.inv) or ["_no cell of a binned distortion run yet_", ""]),
             "θ on the test set (the statistics of the section \"θ on the test set\" below):",
             "",
             theta_markdown(short.thetas),
@@ -747,7 +751,7 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
         "The data of the figure above. " + invariance_caption() + " `images`: test images per bin (each seed "
         "scores every one).",
         "",
-        *(invariance_tables(full.inv) or ["_no R, RTS or P cell run yet_", ""]),
+        *(invariance_tables(full.inv) or ["_no cell of a binned distortion run yet_", ""]),
         "## Test against validation",
         "",
         "Per model and distortion, the mean over its seeds of the validation error (the split made from the last "

@@ -95,11 +95,21 @@ def correct(rec: Record, split: dict) -> torch.Tensor:
     return rec.outcomes["pred"].long() == split["labels"]
 
 
-# What a test split's recorded parameters measure per image, named by the parameter: name → (label, values).
+def centre_distance(p: dict) -> torch.Tensor:
+    """TC: how far each digit lies from the canvas centre (px). ``x``, ``y`` are the digit's top-left corner,
+    drawn uniformly over every position on the canvas, so the middle of their range is the centred digit's."""
+    x, y = p["x"].double(), p["y"].double()
+    return torch.hypot(x - (x.min() + x.max()) / 2, y - (y.min() + y.max()) / 2)
+
+
+# What a test split's recorded parameters measure per image: name → (label, values); a split that lacks a
+# measure's parameters (KeyError) has no such measure.
 MEASURES = {
     "angle": ("rotation angle (degrees)", lambda p: p["angle"]),
     "scale": ("scale", lambda p: p["scale"]),
     "corners": ("largest corner displacement (px)", lambda p: p["corners"].norm(dim=-1).amax(-1)),
+    "offsets": ("largest control-point move (px)", lambda p: p["offsets"].norm(dim=-1).amax(-1)),
+    "position": ("distance of the digit from the canvas centre (px)", centre_distance),
 }
 # The measure each distortion's test error is binned by (conf/report/invariance.yaml): name → (label, values).
 INVARIANCE = {data: MEASURES[m]
@@ -108,7 +118,13 @@ INVARIANCE = {data: MEASURES[m]
 
 def measures(params: dict) -> dict[str, torch.Tensor]:
     """The per-image ``MEASURES`` of the parameters a split records."""
-    return {name: values(params) for name, (_, values) in MEASURES.items() if name in params}
+    out = {}
+    for name, (_, values) in MEASURES.items():
+        try:
+            out[name] = values(params)
+        except KeyError:
+            continue
+    return out
 
 
 N_BINS = 12  # equal-width bins of the recorded distortion strength, in the report and its figure
