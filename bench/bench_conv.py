@@ -3,7 +3,7 @@
 
 For every CNN-family network of the grid (sized by the budget rule, batch 256, one SGD step with
 momentum: forward, backward, update), timed interleaved in one race with a 2048² matmul of each
-precision on the same thread:
+precision on the same thread (512² for bf16 on a CPU without native bfloat16, where it is emulated):
 
 - ``before``: the network as it was built before the convolution path (float32, NCHW, ReLU before
   max-pool, the library's own input gradient for the first convolution);

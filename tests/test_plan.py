@@ -68,7 +68,7 @@ def repo(tmp_path, monkeypatch):
     fake = [{"stage": s, "cmd": c, "changes": ch} for s, c, ch in stages]
     monkeypatch.setattr(plan_mod, "repro_stages", lambda root: (fake, {"data/raw", "data/distorted/r"}))
     monkeypatch.setattr(plan_mod, "run_device", lambda accelerator: (AMD, True))
-    monkeypatch.setattr(plan_mod, "native_bf16", lambda: ["avx512_bf16"])  # like the CPUs of the records
+    monkeypatch.setattr(plan_mod, "native_here", lambda: True)  # like the CPUs of the records
     return tmp_path
 
 
@@ -146,12 +146,14 @@ def test_a_bf16_cell_on_a_cpu_without_native_bf16_is_projected_as_emulated_not_a
     native = project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, native=True)
     assert native[0] == pytest.approx(150_000 * 0.1 * 0.5)  # the fp32 record ×200/400: the emulated table never serves
     seconds, source = project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, native=False)
-    assert seconds == pytest.approx(150_000 * 0.1 * 6)  # the record as 32-true, emulated ×3000/500
-    assert source == "record 0-cnn-r as 32-true, ×6.00 for bf16-mixed emulated here (conv_no_native_bf16.md)"
+    assert seconds == pytest.approx(150_000 * 3.0 * 0.25)  # the emulated step × the records' overhead on conv.md
+    assert source == "conv_no_native_bf16.md ×0.25 (calibrated on 1 record of conv.md), bf16-mixed emulated here"
     assert project("cnn", "r", 150_000, "32-true", AMD, records, bench, native=False) == (15_000, "record 0-cnn-r")
+    assert project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, native=None)[0] == \
+        pytest.approx(150_000 * 0.05)  # this CPU unknown (not x86 Linux): the records hold
     assert project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench[:1], native=False) == \
         (None, "bf16-mixed emulated here (no native bfloat16), and no benchmark of that")
-    monkeypatch.setattr(plan_mod, "native_bf16", lambda: [])
+    monkeypatch.setattr(plan_mod, "native_here", lambda: False)
     cells, others = plan(repo)
     assert [c.stage for c in cells if c.emulated] == ["train@0-cnn-tc", "train@0-st_cnn_tps-p", "short@0-cnn-r"]
     lines = "\n".join(report(cells, others, None)[0])

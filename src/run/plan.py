@@ -15,8 +15,8 @@ and the cell's precision, else the nearest: another CPU, another precision scale
 bf16/fp32 ratio); else from a benchmark table (reports/bench/conv.md for the CNN family, section 4 of
 reports/benchmarks.md), calibrated by the records that both have; else it is unknown. A ``bf16-mixed`` cell
 on a CPU without native bfloat16 (no AMX or AVX512-BF16) runs emulated, many times slower than the records
-and the benchmark of a CPU with it: its time is the cell's ``32-true`` projection × the bf16/fp32 ratio of a
-benchmark table made on such a CPU (its header says "Native bfloat16: none"), else unknown. Each number
+and the benchmark of a CPU with it: its time is the step of a benchmark table made on such a CPU (its header
+says "Native bfloat16: none"), calibrated by the records as the other tables are, else unknown. Each number
 says where it came from. A cell projected beyond ``REACH_HOURS`` on a CPU is marked: train it on a
 GPU (docs/operations.md "GPU window") or on a cluster (docs/operations.md "A cluster").
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import shlex
 import statistics
 import subprocess
@@ -141,18 +142,14 @@ def project(model: str, data: str, steps: int, precision: str, device: str, reco
     only its own records count there); (None, why) if unknown. ``native``: does this CPU have native bfloat16
     (None: assume the records' CPUs are like it)."""
     emulated = [b for b in bench if b.native is False]
-    bench = [b for b in bench if b.native is not False]  # their bf16 times serve only the emulated case below
-    if cpu and precision == BF16 and native is False:
-        found = next(((b, r) for b in emulated if (r := _precision_ratio(model, data, "32-true", BF16, [b]))), None)
-        if found is None:
-            return None, "bf16-mixed emulated here (no native bfloat16), and no benchmark of that"
-        s, what = project(model, data, steps, "32-true", device, records, bench, cpu)
-        if s is None:
-            return None, what
-        (table, ratio) = found
-        return s * ratio, f"{what} as 32-true, ×{ratio:.2f} for bf16-mixed emulated here ({Path(table.name).name})"
+    bench = [b for b in bench if b.native is not False]  # the emulated tables serve only the emulated case below
     here = machine(device)
     records = [r for r in records if r.cpu == cpu and (cpu or r.device == here)]
+    if emulated_bf16(precision, cpu, native):  # the records' CPUs had it: this CPU's own benchmark instead
+        cal = next((b for b in bench if any((r.model, r.data) == (model, data) for r in b.rows)), None)
+        found = _from_bench(emulated, model, data, precision, steps, records, here, cal)
+        return (found[0], found[1] + ", bf16-mixed emulated here") if found else \
+            (None, "bf16-mixed emulated here (no native bfloat16), and no benchmark of that")
     same = [r for r in records if (r.model, r.data) == (model, data)]
     tiers = [(p, d) for p in (True, False) for d in (True, False)]  # same precision first, then same machine
     for same_prec, same_dev in tiers:
@@ -168,14 +165,38 @@ def project(model: str, data: str, steps: int, precision: str, device: str, reco
             what += f" at {pick[0].precision}" + (f" ×{ratio:.2f} ({precision} by the benchmark)" if ratio else "")
         return s * steps, what
     if cpu:  # the benchmark tables time a CPU core
-        for b in bench:
-            row = next((r for r in b.rows if (r.model, r.data, r.precision) == (model, data, precision)), None)
-            if row is None:
-                continue
-            factor, n = _calibration(b.rows, records, here)
-            what = Path(b.name).name + (f" ×{factor:.2f} (calibrated on {_n(n, 'record')})" if n else " (step only)")
-            return row.s_per_step * factor * steps, what
+        found = _from_bench(bench, model, data, precision, steps, records, here)
+        if found:
+            return found
     return None, "no record or benchmark" if cpu else f"no record on {here}"
+
+
+def _from_bench(tables: list[Bench], model: str, data: str, precision: str, steps: int, records: list[Measured],
+                here: str, calibration: Bench | None = None) -> tuple[float, str] | None:
+    """The cell's step time in the first table that has it × steps, calibrated on the records (by the table's own
+    rows, or ``calibration``'s: the overhead of a whole cell over a bare step)."""
+    for b in tables:
+        row = next((r for r in b.rows if (r.model, r.data, r.precision) == (model, data, precision)), None)
+        if row is None:
+            continue
+        cal = calibration or b
+        factor, n = _calibration(cal.rows, records, here)
+        by = "" if cal is b else f" of {Path(cal.name).name}"
+        what = Path(b.name).name + (f" ×{factor:.2f} (calibrated on {_n(n, 'record')}{by})" if n else " (step only)")
+        return row.s_per_step * factor * steps, what
+    return None
+
+
+def emulated_bf16(precision: str, cpu: bool, native: bool | None) -> bool:
+    """A bf16-mixed cell on a CPU known to lack native bfloat16."""
+    return cpu and precision == BF16 and native is False
+
+
+def native_here() -> bool | None:
+    """Has this CPU native bfloat16 (AMX or AVX512-BF16)? None where /proc/cpuinfo cannot say (not x86 Linux)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not Path("/proc/cpuinfo").exists():
+        return None
+    return bool(native_bf16())
 
 
 def _precision_ratio(model, data, have, want, bench) -> float | None:
@@ -226,7 +247,7 @@ def start_line(cfg, label: str) -> str:
     try:
         device, cpu = run_device(cfg.trainer.accelerator)
         seconds, _ = project(str(cfg.model.name), str(cfg.data.name), steps, precision, device,
-                             load_records(REPO / "reports"), load_bench(REPO), cpu, bool(native_bf16()))
+                             load_records(REPO / "reports"), load_bench(REPO), cpu, native_here())
     except Exception:  # noqa: BLE001 - a projection never stops a run
         pass
     return f"{label}: {steps} steps on {device}, precision {precision}, projected {hours(seconds)}"
@@ -320,7 +341,7 @@ def stage_cell(stage: str, cmd: str) -> Planned:
 def plan(root: Path = REPO) -> tuple[list[Planned], list[str]]:
     """The cells ``dvc repro`` would train, in its order, each projected; and the other stages it would run."""
     stages, outs = repro_stages(root)
-    records, bench, native = load_records(root / "reports"), load_bench(root), bool(native_bf16())
+    records, bench, native = load_records(root / "reports"), load_bench(root), native_here()
     cells, others = [], []
     for s in stages:
         runs, code_only = _changed(s["changes"], outs)
@@ -333,7 +354,7 @@ def plan(root: Path = REPO) -> tuple[list[Planned], list[str]]:
         c.seconds, c.source = project(c.model, c.data, c.steps, c.precision, c.device, records, bench, c.cpu,
                                       native)
         c.code_only = code_only
-        c.emulated = c.cpu and c.precision == BF16 and not native
+        c.emulated = emulated_bf16(c.precision, c.cpu, native)
         cells.append(c)
     return cells, others
 
