@@ -441,15 +441,17 @@ def test_sparse_bins_are_merged_with_a_neighbour():
 
 def test_every_distortion_is_binned_by_a_recorded_strength():
     """E by its largest control-point move, TC by the digit's distance from the canvas centre (its top-left corner
-    is drawn uniformly over the canvas, so the middle of the drawn range is the centred digit)."""
+    on a 60-px canvas: (16, 16) centres a 28-px digit); a measure applies to a split that records its parameters."""
     from src.report.records import INVARIANCE, measures
 
     assert list(INVARIANCE) == ["r", "rts", "p", "e", "tc"]
-    e = {"scale": torch.ones(2), "offsets": torch.tensor([[[3.0, 4.0], [0.0, 1.0]], [[0.0, 0.5], [-2.0, 0.0]]])}
-    assert INVARIANCE["e"][1](e).tolist() == [5.0, 2.0]
-    tc = {"x": torch.tensor([0, 32, 16, 20]), "y": torch.tensor([0, 32, 19, 16])}
-    assert INVARIANCE["tc"][1](tc).tolist() == pytest.approx([512 ** 0.5, 512 ** 0.5, 3.0, 4.0])
+    e = {"images": torch.zeros(2, 1, 28, 28), "params": {
+        "scale": torch.ones(2), "offsets": torch.tensor([[[3.0, 4.0], [0.0, 1.0]], [[0.0, 0.5], [-2.0, 0.0]]])}}
+    assert INVARIANCE["e"].values(e).tolist() == [5.0, 2.0]
+    tc = {"images": torch.zeros(3, 1, 60, 60), "params": {"x": torch.tensor([0, 16, 20]), "y": torch.tensor([0, 19, 16])}}
+    assert INVARIANCE["tc"].values(tc).tolist() == pytest.approx([512 ** 0.5, 3.0, 4.0])
     assert set(measures(tc)) == {"position"} and set(measures(e)) == {"scale", "offsets"}
+    assert measures({"images": torch.zeros(1, 1, 28, 28)}) == {}
 
 
 def test_pooled_seeds_sum_wrong_predictions_and_images(tmp_path):

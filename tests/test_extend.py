@@ -179,7 +179,7 @@ def test_the_toy_model_and_distortion_reach_the_report(registered, tmp_path, mon
 
     name = MODEL["name"]
     monkeypatch.setattr(aggregate, "model_config", lambda model: OmegaConf.create(MODEL))  # conf/model/<name>.yaml
-    monkeypatch.setitem(records.MEASURES, "dx", ("shift (px)", lambda p: p["dx"]))  # what the toy warp records
+    monkeypatch.setitem(records.MEASURES, "dx", records.Measure("shift (px)", lambda s: s["params"]["dx"], ("dx",)))
     monkeypatch.setitem(records.INVARIANCE, "toy", records.MEASURES["dx"])  # its line in conf/report/invariance.yaml
     assert aggregate.row_label(name) == "ST-MLP_TANH Translation" and not aggregate.baseline(name)
 

@@ -286,10 +286,10 @@ INVARIANCE_COLUMNS = ["data", "model", "lo", "hi", "mid", "n", "seeds", "trials"
 
 def invariance(grid: dict, records: dict, data_dir: Path, min_images: int = MIN_BIN_IMAGES) -> pd.DataFrame:
     """Test error binned by the recorded distortion strength (conf/report/invariance.yaml: R angle, RTS scale,
-    P corner displacement, E control-point move, TC distance from the centre; ``strength_bins``: N_BINS equal-width bins, those under ``min_images`` test images merged), every model with
-    a record, the seeds of a cell pooled (wrong predictions and predictions summed over them): columns data,
-    model, lo, hi, mid, n (test images per bin), seeds, trials (n × seeds), wrong, err and its 95 % Wilson
-    interval ci_lo, ci_hi (%)."""
+    P corner displacement, E control-point move, TC distance from the centre; ``strength_bins``: N_BINS
+    equal-width bins, those under ``min_images`` test images merged), every model with a record, the seeds of a
+    cell pooled (wrong predictions and predictions summed over them): columns data, model, lo, hi, mid, n (test
+    images per bin), seeds, trials (n × seeds), wrong, err and its 95 % Wilson interval ci_lo, ci_hi (%)."""
     frames = []
     for data in (d for d in INVARIANCE if d in grid["distortions"]):
         for model in grid["models"]:
@@ -297,7 +297,7 @@ def invariance(grid: dict, records: dict, data_dir: Path, min_images: int = MIN_
             if recs:
                 split = test_split(str(data_dir), data)  # cached
                 ok = torch.stack([correct(r, split) for r in recs])
-                b = binned_error(ok, INVARIANCE[data][1](split["params"]), min_images=min_images)
+                b = binned_error(ok, INVARIANCE[data].values(split), min_images=min_images)
                 lo, hi = wilson(b.wrong, b.trials)
                 frames.append(b.assign(data=data, model=model, seeds=len(recs), ci_lo=lo, ci_hi=hi))
     return (pd.concat(frames, ignore_index=True)[INVARIANCE_COLUMNS] if frames
@@ -309,13 +309,14 @@ def plot_invariance(grid: dict, inv: pd.DataFrame, path: Path) -> None:
     Wilson interval, on a log scale fitted to the intervals (sparse bins are merged before, so none sets it);
     baselines dashed, ST models solid, the models of a panel drawn a little apart along x."""
     panels = [d for d in INVARIANCE if d in grid["distortions"]]
-    cols = min(max(len(panels), 1), 3)
+    cols = len(panels) if len(panels) <= 3 else -(-len(panels) // 2)  # 1-3 in a row, then two rows
+    cols = max(cols, 1)
     rows = -(-max(len(panels), 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 5.2 * rows), squeeze=False)
-    for ax in axes.flat[len(panels) or 1:]:  # a 2 × 3 grid holds five panels
+    for ax in axes.flat[len(panels) or 1:]:  # five panels on a 2 × 3 grid
         ax.set_visible(False)
     for ax, data in zip(axes.flat, panels):
-        label = INVARIANCE[data][0]
+        label = INVARIANCE[data].label
         d = inv[inv.data == data]
         models = [m for m in grid["models"] if (d.model == m).any()]
         for i, model in enumerate(models):
@@ -355,7 +356,7 @@ def invariance_tables(inv: pd.DataFrame) -> list[str]:
         def edge(v: float) -> str:
             return f"{round(v, digits) + 0.0:.{digits}f}"  # + 0.0: no "-0"
         table = pd.DataFrame({
-            INVARIANCE[data][0]: [f"{edge(lo)} – {edge(hi)}" for lo, hi in zip(wide.lo, wide.hi)],
+            INVARIANCE[data].label: [f"{edge(lo)} – {edge(hi)}" for lo, hi in zip(wide.lo, wide.hi)],
             "images": wide.n.astype(int),
             **{f"{row_label(m)} (n={int(seeds[m])})": wide[m] for m in d.model.unique()}})
         aligned = table.to_markdown(index=False, disable_numparse=True,

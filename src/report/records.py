@@ -13,6 +13,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import pandas as pd
 import torch
@@ -20,6 +21,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from src.config import precision_of
+from src.data.warps import DIGIT
 from src.runinfo import REPO, UserError, load_checked
 
 
@@ -95,36 +97,39 @@ def correct(rec: Record, split: dict) -> torch.Tensor:
     return rec.outcomes["pred"].long() == split["labels"]
 
 
-def centre_distance(p: dict) -> torch.Tensor:
-    """TC: how far each digit lies from the canvas centre (px). ``x``, ``y`` are the digit's top-left corner,
-    drawn uniformly over every position on the canvas, so the middle of their range is the centred digit's."""
-    x, y = p["x"].double(), p["y"].double()
-    return torch.hypot(x - (x.min() + x.max()) / 2, y - (y.min() + y.max()) / 2)
+class Measure(NamedTuple):
+    """What a test split records of each image, as one number per image: its label, its values (of the split:
+    ``images``, ``params``) and the recorded parameters it reads."""
+    label: str
+    values: Callable[[dict], torch.Tensor]
+    keys: tuple[str, ...]
 
 
-# What a test split's recorded parameters measure per image: name → (label, values); a split that lacks a
-# measure's parameters (KeyError) has no such measure.
+def centre_distance(split: dict) -> torch.Tensor:
+    """TC: how far each digit lies from the canvas centre (px); ``x``, ``y`` are its top-left corner."""
+    centre = (split["images"].shape[-1] - DIGIT) / 2
+    p = split["params"]
+    return torch.hypot(p["x"].double() - centre, p["y"].double() - centre)
+
+
 MEASURES = {
-    "angle": ("rotation angle (degrees)", lambda p: p["angle"]),
-    "scale": ("scale", lambda p: p["scale"]),
-    "corners": ("largest corner displacement (px)", lambda p: p["corners"].norm(dim=-1).amax(-1)),
-    "offsets": ("largest control-point move (px)", lambda p: p["offsets"].norm(dim=-1).amax(-1)),
-    "position": ("distance of the digit from the canvas centre (px)", centre_distance),
+    "angle": Measure("rotation angle (degrees)", lambda s: s["params"]["angle"], ("angle",)),
+    "scale": Measure("scale", lambda s: s["params"]["scale"], ("scale",)),
+    "corners": Measure("largest corner displacement (px)",
+                       lambda s: s["params"]["corners"].norm(dim=-1).amax(-1), ("corners",)),
+    "offsets": Measure("largest control-point move (px)",
+                       lambda s: s["params"]["offsets"].norm(dim=-1).amax(-1), ("offsets",)),
+    "position": Measure("distance of the digit from the canvas centre (px)", centre_distance, ("x", "y")),
 }
-# The measure each distortion's test error is binned by (conf/report/invariance.yaml): name → (label, values).
+# The measure each distortion's test error is binned by (conf/report/invariance.yaml): distortion → Measure.
 INVARIANCE = {data: MEASURES[m]
               for data, m in yaml.safe_load((REPO / "conf/report/invariance.yaml").read_text()).items()}
 
 
-def measures(params: dict) -> dict[str, torch.Tensor]:
-    """The per-image ``MEASURES`` of the parameters a split records."""
-    out = {}
-    for name, (_, values) in MEASURES.items():
-        try:
-            out[name] = values(params)
-        except KeyError:
-            continue
-    return out
+def measures(split: dict) -> dict[str, torch.Tensor]:
+    """The ``MEASURES`` of a split whose parameters it records."""
+    params = split.get("params", {})
+    return {name: m.values(split) for name, m in MEASURES.items() if set(m.keys) <= params.keys()}
 
 
 N_BINS = 12  # equal-width bins of the recorded distortion strength, in the report and its figure
@@ -182,4 +187,4 @@ def transformer(rec: Record):
 def theta_summary(rec: Record, split: dict) -> dict[str, float]:
     """The transform's own summary of θ on the whole test set (``GridGenerator.summary``): its statistics and
     how it follows what the split records of each image (``measures``)."""
-    return transformer(rec).grid.summary(rec.theta, measures(split.get("params", {})))
+    return transformer(rec).grid.summary(rec.theta, measures(split))
