@@ -133,6 +133,7 @@ def bench(models, distortions, rounds: int, compile_: bool = False) -> tuple[pd.
 
 
 def report(df: pd.DataFrame, peak: dict, a: argparse.Namespace) -> str:
+    n = peak_sizes()
     seed_h = {c: df[f"h/cell {c}"].sum() for c in ("before", "fp32", "bf16")}
     full = len(df) == len(CNN_MODELS) * len(DISTORTIONS)
     return "\n".join([
@@ -143,8 +144,8 @@ def report(df: pd.DataFrame, peak: dict, a: argparse.Namespace) -> str:
         f"{', '.join(native_bf16()) or 'none (bf16-mixed is emulated here, slower than fp32)'}.", "",
         "One SGD step at batch 256 (forward, backward, momentum update), median over "
         f"{a.rounds} interleaved rounds (2 for the steps above 20 GFLOP), raced against a "
-        + ("2048² matmul of each precision" if native_bf16()
-           else f"{PEAK_N}² fp32 and {EMULATED_PEAK_N}² bf16 matmul (bf16 is emulated here, too slow for 2048²)")
+        + (f"{n['fp32']}² matmul of each precision" if n["fp32"] == n["bf16"]
+           else f"{n['fp32']}² fp32 and {n['bf16']}² bf16 matmul (bf16 is emulated here, too slow for {PEAK_N}²)")
         + " on the same thread, so that a loaded machine slows both sides alike. `before`: the network as "
         "built before the convolution path (float32, NCHW, ReLU before max-pool, the library's input gradient "
         "for the first convolution); `fp32` / `bf16-mixed`: the network as `src.models` builds it now, in float32 "
