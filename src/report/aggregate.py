@@ -309,9 +309,9 @@ def plot_invariance(grid: dict, inv: pd.DataFrame, path: Path) -> None:
     Wilson interval, on a log scale fitted to the intervals (sparse bins are merged before, so none sets it);
     baselines dashed, ST models solid, the models of a panel drawn a little apart along x."""
     panels = [d for d in INVARIANCE if d in grid["distortions"]]
-    cols = len(panels) if len(panels) <= 3 else -(-len(panels) // 2)  # 1-3 in a row, then two rows
-    cols = max(cols, 1)
-    rows = -(-max(len(panels), 1) // cols)
+    n = max(len(panels), 1)
+    cols = n if n <= 3 else -(-n // 2)  # 1-3 in a row, then two rows
+    rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 5.2 * rows), squeeze=False)
     for ax in axes.flat[len(panels) or 1:]:  # five panels on a 2 × 3 grid
         ax.set_visible(False)
