@@ -261,13 +261,23 @@ def device_name(device: torch.device) -> str:
     return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def native_bf16() -> list[str]:
-    """This CPU's native bfloat16 arithmetic, as /proc/cpuinfo names it (``amx_bf16``, ``avx512_bf16``)."""
+ISA_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")  # widest first: what sets a CPU core's speed here
+
+
+def cpu_flags() -> list[str]:
+    """This CPU's vector instruction sets among ``ISA_FLAGS``, widest first, as /proc/cpuinfo names them ([]
+    where it cannot say). Recorded with every training segment: the model name alone ("AMD EPYC") does not
+    tell a CPU that has native bfloat16 from one that emulates it at several times the cost."""
     try:
         flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
     except (OSError, StopIteration):
         return []
-    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return [f for f in ISA_FLAGS if f in flags]
+
+
+def native_bf16() -> list[str]:
+    """This CPU's native bfloat16 arithmetic, as /proc/cpuinfo names it (``amx_bf16``, ``avx512_bf16``)."""
+    return [f for f in cpu_flags() if f.endswith("_bf16")]
 
 
 def versions() -> dict[str, str]:

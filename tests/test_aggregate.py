@@ -405,6 +405,9 @@ def test_time_tables_give_each_machine_its_cells_hours_and_leave_reduced_budgets
     assert time_tables(df[~df.run], {"models": ["fcn"], "distortions": ["r"]}) == ["_none yet_", ""]
     moved = {"device": "b", "segments": [{"device": "a"}, {"device": "b"}, {"device": "b"}]}
     assert segment_devices(moved) == "a + b" and segment_devices({"device": "a"}) == "a"
+    two_generations = {"segments": [{"device": "a", "cpu_flags": ["avx512_bf16", "avx512f", "avx2"]},
+                                    {"device": "a", "cpu_flags": ["avx2"]}, {"device": "a", "cpu_flags": []}]}
+    assert segment_devices(two_generations) == "a [avx512_bf16] + a [avx2] + a [no avx2]"
 
 
 def test_wilson_interval_of_known_cases():

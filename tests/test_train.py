@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from src.run.callbacks import Stopped
+from src.runinfo import cpu_flags
 from src.models.module import Classifier, sgd_step
 from src.config import compose_config
 from src.models.build import build_model
@@ -101,6 +102,7 @@ def test_smoke_run_learns_and_writes_the_record(smoke, tmp_path, mode):
     prov = json.loads((tmp_path / "run" / "cell" / "provenance.json").read_text())
     assert prov["seed"] == 0 and prov["commit"] and prov["device"] and prov["config"]["loader"]["mode"] == mode
     assert [(s["from_step"], s["to_step"]) for s in prov["segments"]] == [(0, 120)] and not prov["resumed"]
+    assert prov["segments"][0]["cpu_flags"] == cpu_flags()  # the CPU's generation, which its model name hides
     rec = torch.load(tmp_path / "run" / "cell" / "outcomes.pt", weights_only=True)
     assert rec["pred"].dtype == torch.uint8 and rec["theta"].shape == (len(rec["pred"]), 6)
     assert 100 * (rec["pred"] != stored_test_labels(smoke)).double().mean().item() == pytest.approx(m["test"]["err"], abs=1e-3)

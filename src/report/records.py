@@ -76,9 +76,16 @@ def segment_commits(prov: dict) -> str:
 
 
 def segment_devices(prov: dict) -> str:
-    """The distinct machines a record trained on, in order, joined by " + " (one for a run never moved)."""
-    devices = [s.get("device", "?") for s in prov.get("segments", [])] or [prov.get("device", "?")]
-    return " + ".join(dict.fromkeys(map(str, devices)))
+    """The distinct machines a record trained on, in order, joined by " + " (one for a run never moved). A CPU
+    segment that recorded its vector instruction sets names the widest in brackets: 'AMD EPYC (2 cores, 1
+    threads) [avx512_bf16]' and '… [avx2]' are two generations under one model name."""
+    devices = [_device(s) for s in prov.get("segments", [])] or [str(prov.get("device", "?"))]
+    return " + ".join(dict.fromkeys(devices))
+
+
+def _device(segment: dict) -> str:
+    flags = segment.get("cpu_flags")
+    return str(segment.get("device", "?")) + ("" if flags is None else f" [{(flags or ['no avx2'])[0]}]")
 
 
 @functools.lru_cache(maxsize=8)

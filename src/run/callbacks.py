@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from src.runinfo import UserError, device_name, git_commit
+from src.runinfo import UserError, cpu_flags, device_name, git_commit
 
 CURVE_KEYS = ["step", "train_loss", "val_loss", "val_err", "lr"]
 log = logging.getLogger("src.train")
@@ -115,7 +115,8 @@ class ProgressLog(pl.Callback):
 
 
 class Segments(pl.Callback):
-    """Provenance of every process that worked on the run: commit at its start, device, steps, wall time."""
+    """Provenance of every process that worked on the run: commit at its start, device (a CPU with its vector
+    instruction sets), steps, wall time."""
 
     def __init__(self):
         self.done: list[dict] = []
@@ -124,7 +125,9 @@ class Segments(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self._t0, self._trainer = time.time(), trainer
-        self.current = {"commit": git_commit(), "device": device_name(trainer.strategy.root_device),
+        device = trainer.strategy.root_device
+        self.current = {"commit": git_commit(), "device": device_name(device),
+                        **({"cpu_flags": cpu_flags()} if device.type == "cpu" else {}),
                         "from_step": int(trainer.global_step), "to_step": int(trainer.global_step), "seconds": 0.0}
 
     def segments(self) -> list[dict]:
