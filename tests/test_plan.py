@@ -34,12 +34,13 @@ def cmd(model: str, data: str, seed: int, short: bool = False) -> str:
 
 
 def record(root, key: str, model: str, data: str, steps: int, seconds: float, device: str = AMD,
-           precision: str = "32-true", short: bool = False):
+           precision: str = "32-true", short: bool = False, cpu_flags: list[str] | None = None):
     d = root / "reports" / ("short/cells" if short else "cells") / key
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)
+    segments = [] if cpu_flags is None else [{"device": device, "cpu_flags": cpu_flags}]
     (d / "provenance.json").write_text(json.dumps({
         "cell": key, "steps": steps, "fit_seconds": seconds, "device": device, "accelerator": "cpu",
-        "config": {"model": {"name": model, "precision": precision}, "data": {"name": data}}}))
+        "segments": segments, "config": {"model": {"name": model, "precision": precision}, "data": {"name": data}}}))
 
 
 @pytest.fixture
@@ -158,6 +159,23 @@ def test_a_bf16_cell_on_a_cpu_without_native_bf16_is_projected_as_emulated_not_a
     assert [c.stage for c in cells if c.emulated] == ["train@0-cnn-tc", "train@0-st_cnn_tps-p", "short@0-cnn-r"]
     lines = "\n".join(report(cells, others, None)[0])
     assert "3 cells in bf16-mixed run emulated on this CPU (no AMX or AVX512-BF16)" in lines
+
+
+def test_records_of_one_cpu_model_with_other_bfloat16_support_are_another_machine(repo):
+    """'AMD EPYC' names CPUs with and without AVX512-BF16; a record's cpu_flags tell them apart where recorded."""
+    record(repo, "0-fcn-e", "fcn", "e", 150_000, 900, cpu_flags=["avx512_bf16", "avx512f", "avx2"])
+    record(repo, "2-fcn-e", "fcn", "e", 150_000, 1100, cpu_flags=["avx2"])
+    records, bench = plan_mod.load_records(repo / "reports"), load_bench(repo)
+    assert {r.key: r.native for r in records if r.data == "e"} == {"0-fcn-e": True, "2-fcn-e": False, "1-fcn-e": None}
+    assert project("fcn", "e", 150_000, "32-true", AMD, records, bench, native=True) == (900, "record 0-fcn-e")
+    assert project("fcn", "e", 150_000, "32-true", AMD, records, bench, native=False) == (1100, "record 2-fcn-e")
+    assert project("fcn", "e", 150_000, "32-true", AMD, records, bench, native=None) == \
+        (pytest.approx(1000), "median of 2 records")  # this CPU unknown: both count
+    record(repo, "2-fcn-e", "fcn", "e", 150_000, 1100, cpu_flags=["avx512_bf16", "avx512f", "avx2"])
+    records = plan_mod.load_records(repo / "reports")
+    assert project("fcn", "e", 150_000, "32-true", AMD, records, bench, native=False) == \
+        (900, "median of 3 records on AMD EPYC with other bfloat16 support")  # no record of this machine left
+    assert plan_mod.recorded_native({"segments": [{"cpu_flags": ["avx2"]}, {"cpu_flags": ["amx_bf16"]}]}) is None
 
 
 def test_the_committed_benchmarks_parse_for_every_cell_of_the_grid():

@@ -60,6 +60,20 @@ class Measured:
     device: str = ""  # the CPU model or GPU, without the core and thread counts
     key: str = ""
     cpu: bool = True
+    native: bool | None = None  # had its CPU native bfloat16 (the segments' cpu_flags; None: not recorded)
+
+
+def on_machine(r: Measured, here: str, native: bool | None) -> bool:
+    """Was ``r`` measured on this machine: the same CPU model (or GPU), and where both are known, the same
+    bfloat16 support (one model name, 'AMD EPYC', covers CPUs with and without it)."""
+    return r.device == here and (r.native is None or native is None or r.native == native)
+
+
+def recorded_native(prov: dict) -> bool | None:
+    """Native bfloat16 on every CPU segment of a record, as its ``cpu_flags`` say; None where not recorded or
+    where its segments differ."""
+    seen = {any(f.endswith("_bf16") for f in s["cpu_flags"]) for s in prov.get("segments", []) if "cpu_flags" in s}
+    return seen.pop() if len(seen) == 1 else None
 
 
 def machine(device: str) -> str:
@@ -78,7 +92,7 @@ def load_records(reports: Path) -> list[Measured]:
             if steps > 0 and secs > 0:
                 out.append(Measured(cfg["model"]["name"], cfg["data"]["name"], str(precision), secs / steps,
                                     machine(p.get("device", "")), p.get("cell", path.parent.name),
-                                    p.get("accelerator", "cpu") == "cpu"))
+                                    p.get("accelerator", "cpu") == "cpu", recorded_native(p)))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # unreadable or foreign: no evidence
     return out
@@ -147,32 +161,34 @@ def project(model: str, data: str, steps: int, precision: str, device: str, reco
     records = [r for r in records if r.cpu == cpu and (cpu or r.device == here)]
     if emulated_bf16(precision, cpu, native):  # the records' CPUs had it: this CPU's own benchmark instead
         cal = next((b for b in bench if any((r.model, r.data) == (model, data) for r in b.rows)), None)
-        found = _from_bench(emulated, model, data, precision, steps, records, here, cal)
+        found = _from_bench(emulated, model, data, precision, steps, records, here, native, cal)
         return (found[0], found[1] + ", bf16-mixed emulated here") if found else \
             (None, "bf16-mixed emulated here (no native bfloat16), and no benchmark of that")
     same = [r for r in records if (r.model, r.data) == (model, data)]
     tiers = [(p, d) for p in (True, False) for d in (True, False)]  # same precision first, then same machine
     for same_prec, same_dev in tiers:
-        pick = [r for r in same if (r.precision == precision) == same_prec and (r.device == here) == same_dev]
+        pick = [r for r in same
+                if (r.precision == precision) == same_prec and on_machine(r, here, native) == same_dev]
         if not pick:
             continue
         s = statistics.median(r.s_per_step for r in pick)
         what = f"record {pick[0].key}" if len(pick) == 1 else f"median of {len(pick)} records"
-        what += "" if same_dev else f" on {pick[0].device}"
+        if not same_dev:
+            what += f" on {pick[0].device}" + (" with other bfloat16 support" if pick[0].device == here else "")
         if not same_prec:
             ratio = _precision_ratio(model, data, pick[0].precision, precision, bench)
             s *= ratio or 1.0
             what += f" at {pick[0].precision}" + (f" ×{ratio:.2f} ({precision} by the benchmark)" if ratio else "")
         return s * steps, what
     if cpu:  # the benchmark tables time a CPU core
-        found = _from_bench(bench, model, data, precision, steps, records, here)
+        found = _from_bench(bench, model, data, precision, steps, records, here, native)
         if found:
             return found
     return None, "no record or benchmark" if cpu else f"no record on {here}"
 
 
 def _from_bench(tables: list[Bench], model: str, data: str, precision: str, steps: int, records: list[Measured],
-                here: str, calibration: Bench | None = None) -> tuple[float, str] | None:
+                here: str, native: bool | None = None, calibration: Bench | None = None) -> tuple[float, str] | None:
     """The cell's step time in the first table that has it × steps, calibrated on the records (by the table's own
     rows, or ``calibration``'s: the overhead of a whole cell over a bare step)."""
     for b in tables:
@@ -180,7 +196,7 @@ def _from_bench(tables: list[Bench], model: str, data: str, precision: str, step
         if row is None:
             continue
         cal = calibration or b
-        factor, n = _calibration(cal.rows, records, here)
+        factor, n = _calibration(cal.rows, records, here, native)
         by = "" if cal is b else f" of {Path(cal.name).name}"
         what = Path(b.name).name + (f" ×{factor:.2f} (calibrated on {_n(n, 'record')}{by})" if n else " (step only)")
         return row.s_per_step * factor * steps, what
@@ -207,12 +223,13 @@ def _precision_ratio(model, data, have, want, bench) -> float | None:
     return None
 
 
-def _calibration(rows: list[Measured], records: list[Measured], here: str) -> tuple[float, int]:
+def _calibration(rows: list[Measured], records: list[Measured], here: str,
+                 native: bool | None = None) -> tuple[float, int]:
     """Median of record / benchmark over the cells both have (this CPU model's records if any): the benchmark
     times one step of an idle or loaded core, a record the whole cell (data, evaluation, the loop)."""
     bench = {(r.model, r.data, r.precision): r.s_per_step for r in rows}
     pairs = [(r, bench[k]) for r in records if (k := (r.model, r.data, r.precision)) in bench]
-    local = [p for p in pairs if p[0].device == here]
+    local = [p for p in pairs if on_machine(p[0], here, native)]
     pairs = local or pairs
     if not pairs:
         return 1.0, 0
