@@ -11,18 +11,22 @@ distorted batch.
 A change that keeps every hash leaves every result bit-identical, so committed cells may be
 re-locked with ``dvc commit -f`` (say so in the commit message); a change that moves a hash
 retrains the cells it touches. The hashes must not depend on the machine: the computation runs in
-a child process pinned to portable kernels (ATen's default capability, MKL's compatible code path,
-oneDNN off, one thread), which is what ``python -m src.run.fingerprint`` does by default.
+child processes pinned to portable kernels (ATen's default capability, MKL's compatible code path,
+oneDNN off, one thread each; one child per core, each taking the next cell when done), which is what
+``python -m src.run.fingerprint`` does by default.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1",
@@ -83,29 +87,76 @@ def cell_hash(model: str, data: str) -> str:
     return h.hexdigest()[:16]
 
 
-def all_hashes(only: list[str] | None = None) -> dict[str, str]:
-    """Hashes of every (model, distortion) of conf/, or of the cells named in ``only``."""
-    import torch
-
+def grid_cells() -> dict[str, tuple[str, str]]:
+    """Every (model, distortion) of conf/, by the name of its seed-0 cell."""
     from src.cell import Cell
-    from src.runinfo import REPO
+
+    root = FILE.parents[2]
+    models = sorted(p.stem for p in (root / "conf/model").glob("*.yaml"))
+    distortions = sorted(p.stem for p in (root / "conf/data").glob("*.yaml"))
+    return {Cell(0, m, d).name: (m, d) for d in distortions for m in models}
+
+
+def portable_here() -> None:
+    """This process on the portable path as far as it can set it itself (oneDNN off, one thread); the
+    environment of PORTABLE_ENV does the rest before torch loads."""
+    import torch
 
     torch.backends.mkldnn.enabled = False
     torch.set_num_threads(1)
-    models = sorted(p.stem for p in (REPO / "conf/model").glob("*.yaml"))
-    distortions = sorted(p.stem for p in (REPO / "conf/data").glob("*.yaml"))
-    cells = {Cell(0, m, d).name: (m, d) for d in distortions for m in models}
-    return {k: cell_hash(*md) for k, md in cells.items() if only is None or k in only}
 
 
-def pinned(only: list[str] | None = None, parent_env: dict[str, str] | None = None) -> dict[str, str]:
-    """The hashes, computed in a child process pinned to portable kernels, whatever ``parent_env`` says."""
+def all_hashes(only: list[str] | None = None) -> dict[str, str]:
+    """Hashes of every (model, distortion) of conf/, or of the cells named in ``only``."""
+    portable_here()
+    return {k: cell_hash(*md) for k, md in grid_cells().items() if only is None or k in only}
+
+
+def pinned(only: list[str] | None = None, parent_env: dict[str, str] | None = None,
+           jobs: int | None = None) -> dict[str, str]:
+    """The hashes, computed in child processes pinned to portable kernels, whatever ``parent_env`` says: one
+    per core (``jobs``), each on one thread, taking the next cell whenever it is done with one. A cell's hash
+    depends on nothing computed before it, so how the cells are shared out leaves every hash as it is."""
     child_env = {**os.environ, **(parent_env or {}), **PORTABLE_ENV}
-    cmd = [sys.executable, "-m", "src.run.fingerprint", "--here", *(["--only", ",".join(only)] if only else [])]
-    r = subprocess.run(cmd, cwd=FILE.parents[2], env=child_env, capture_output=True, text=True, timeout=1800)
-    if r.returncode:
-        raise RuntimeError(f"fingerprint child failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout)
+    todo = queue.SimpleQueue()
+    for cell in only or grid_cells():
+        todo.put(cell)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    out, failed = {}, []
+
+    def worker():
+        child = subprocess.Popen([sys.executable, "-m", "src.run.fingerprint", "--serve"], cwd=FILE.parents[2],
+                                 env=child_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            while not failed:
+                try:
+                    cell = todo.get_nowait()
+                except queue.Empty:
+                    break
+                try:
+                    child.stdin.write(cell + "\n")
+                    child.stdin.flush()
+                    line = child.stdout.readline()
+                except OSError:  # the child died
+                    line = ""
+                if not line:
+                    failed.append(f"{cell}: {child.stderr.read()[-3000:]}")
+                    break
+                out.update(json.loads(line))
+        finally:
+            with contextlib.suppress(OSError):
+                child.stdin.close()
+            child.wait(timeout=60)
+
+    threads = [threading.Thread(target=worker) for _ in range(max(1, min(jobs or cores, todo.qsize())))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failed:
+        raise RuntimeError("fingerprint child failed:\n" + "\n".join(failed))
+    return out
 
 
 def holds(cell: str) -> bool:
@@ -123,7 +174,14 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help=f"write the hashes to {FILE.name}")
     parser.add_argument("--here", action="store_true", help="compute in this process (no pinning), print JSON")
     parser.add_argument("--only", help="comma-separated cells (default: all)")
+    parser.add_argument("--serve", action="store_true", help="hash each cell named on stdin, a JSON line each")
     a = parser.parse_args()
+    if a.serve:
+        portable_here()
+        cells = grid_cells()
+        for line in sys.stdin:
+            print(json.dumps({line.strip(): cell_hash(*cells[line.strip()])}), flush=True)
+        return
     if a.here:
         print(json.dumps(all_hashes(a.only.split(",") if a.only else None), indent=1, sort_keys=True))
         return
