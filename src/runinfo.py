@@ -262,22 +262,37 @@ def device_name(device: torch.device) -> str:
 
 
 ISA_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")  # widest first: what sets a CPU core's speed here
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # native bfloat16 arithmetic; without them bf16-mixed is emulated
+CPUINFO = Path("/proc/cpuinfo")
 
 
-def cpu_flags() -> list[str]:
-    """This CPU's vector instruction sets among ``ISA_FLAGS``, widest first, as /proc/cpuinfo names them ([]
-    where it cannot say). Recorded with every training segment: the model name alone ("AMD EPYC") does not
-    tell a CPU that has native bfloat16 from one that emulates it at several times the cost."""
+def cpu_flags() -> list[str] | None:
+    """This CPU's vector instruction sets among ``ISA_FLAGS``, widest first, as /proc/cpuinfo names them; None
+    where it cannot say (not x86 Linux). Recorded with every CPU training segment: one model name ("AMD
+    EPYC") covers CPUs with native bfloat16 and CPUs that emulate it at several times the cost."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
     try:
-        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
+        flags = next(ln for ln in CPUINFO.read_text().splitlines() if ln.startswith("flags")).split()
     except (OSError, StopIteration):
-        return []
+        return None
     return [f for f in ISA_FLAGS if f in flags]
+
+
+def widest_isa(flags: list[str] | None) -> str | None:
+    """A CPU's generation as its widest vector instruction set ('amx_bf16' … 'avx2', 'below avx2'); None where
+    its flags are unknown. The one key by which records of one CPU model name tell machines apart."""
+    return None if flags is None else (flags[0] if flags else "below avx2")
+
+
+def has_native_bf16(flags: list[str] | None) -> bool | None:
+    """Native bfloat16 (AMX or AVX512-BF16) among ``flags``; None where they are unknown."""
+    return None if flags is None else any(f in BF16_FLAGS for f in flags)
 
 
 def native_bf16() -> list[str]:
     """This CPU's native bfloat16 arithmetic, as /proc/cpuinfo names it (``amx_bf16``, ``avx512_bf16``)."""
-    return [f for f in cpu_flags() if f.endswith("_bf16")]
+    return [f for f in cpu_flags() or [] if f in BF16_FLAGS]
 
 
 def versions() -> dict[str, str]:

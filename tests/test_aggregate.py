@@ -301,6 +301,11 @@ def test_theta_summary_reads_the_perspective_of_projective_theta():
     out = theta_summary(rec, {"params": {"corners": corners}})
     assert abs(out["perspective"] - 0.015 * float(moved.mean())) < 1e-3
     assert out["r(perspective, corners)"] > 0.999 and out["det"] == 1.0 and out["clamped"] == 0.0
+    assert out["horizon"] == 0.0  # |h31| + |h32| ≤ 0.17: w stays positive over the whole frame
+    theta[: N_TEST // 4, 6] = 1.5  # a quarter of the images: w = 1.5·x + 1 is zero at x = −2/3
+    steep = theta_summary(Record("p", {}, {"config": cfg}, {"pred": rec.outcomes["pred"], "theta": theta.half()}),
+                          {"params": {"corners": corners}})
+    assert steep["horizon"] == 0.25
     affine = theta_summary(Record("a", {}, {"config": {**cfg, "model": {**cfg["model"], "transform": "aff"}}},
                                   {"pred": rec.outcomes["pred"], "theta": theta[:, :6].half()}), {"params": {}})
     assert "perspective" not in affine
@@ -405,9 +410,10 @@ def test_time_tables_give_each_machine_its_cells_hours_and_leave_reduced_budgets
     assert time_tables(df[~df.run], {"models": ["fcn"], "distortions": ["r"]}) == ["_none yet_", ""]
     moved = {"device": "b", "segments": [{"device": "a"}, {"device": "b"}, {"device": "b"}]}
     assert segment_devices(moved) == "a + b" and segment_devices({"device": "a"}) == "a"
-    two_generations = {"segments": [{"device": "a", "cpu_flags": ["avx512_bf16", "avx512f", "avx2"]},
-                                    {"device": "a", "cpu_flags": ["avx2"]}, {"device": "a", "cpu_flags": []}]}
-    assert segment_devices(two_generations) == "a [avx512_bf16] + a [avx2] + a [no avx2]"
+    generations = {"segments": [{"device": "a", "cpu_flags": ["avx512_bf16", "avx512f", "avx2"]},
+                                {"device": "a", "cpu_flags": ["avx2"]}, {"device": "a", "cpu_flags": []},
+                                {"device": "a", "cpu_flags": None}, {"device": "g"}]}  # unknown, and a GPU
+    assert segment_devices(generations) == "a [avx512_bf16] + a [avx2] + a [below avx2] + a + g"
 
 
 def test_wilson_interval_of_known_cases():
@@ -486,7 +492,7 @@ def test_lr_drops_follow_the_schedule_rule():
 
 
 def test_plots_draw_every_seed_and_model_from_two_seed_records(tmp_path, monkeypatch):
-    from src.report.aggregate import collect, invariance, plot_curves, plot_invariance
+    from src.report.aggregate import collect, invariance, plot_curves, plot_invariance, theta_table
     from src.report.records import binned_error
 
     figs = []
@@ -512,6 +518,10 @@ def test_plots_draw_every_seed_and_model_from_two_seed_records(tmp_path, monkeyp
     ticks = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
     assert 2 <= len(ticks) <= 6 and all(t == "0" or t.endswith("k") for t in ticks) and "50k" in ticks
     assert figs[0].axes[1].get_legend() is None  # E: nothing run
+
+    # the θ table: a row for every seed of every ST cell, in seed order
+    assert list(theta_table(grid, records, tmp_path / "data/distorted").cell) == \
+        [cell_name("st_fcn", "r", 0), cell_name("st_fcn", "r", 1)]
 
     inv = invariance(grid, records, tmp_path / "data/distorted", min_images=0)
     plot_invariance(grid, inv, tmp_path / "invariance.png")

@@ -70,6 +70,7 @@ def repo(tmp_path, monkeypatch):
     monkeypatch.setattr(plan_mod, "repro_stages", lambda root: (fake, {"data/raw", "data/distorted/r"}))
     monkeypatch.setattr(plan_mod, "run_device", lambda accelerator: (AMD, True))
     monkeypatch.setattr(plan_mod, "native_here", lambda: True)  # like the CPUs of the records
+    monkeypatch.setattr(plan_mod, "isa_here", lambda: None)  # a generation the records do not name
     return tmp_path
 
 
@@ -161,21 +162,49 @@ def test_a_bf16_cell_on_a_cpu_without_native_bf16_is_projected_as_emulated_not_a
     assert "3 cells in bf16-mixed run emulated on this CPU (no AMX or AVX512-BF16)" in lines
 
 
-def test_records_of_one_cpu_model_with_other_bfloat16_support_are_another_machine(repo):
+def test_records_of_one_cpu_model_and_another_generation_are_another_machine(repo):
     """'AMD EPYC' names CPUs with and without AVX512-BF16; a record's cpu_flags tell them apart where recorded."""
     record(repo, "0-fcn-e", "fcn", "e", 150_000, 900, cpu_flags=["avx512_bf16", "avx512f", "avx2"])
     record(repo, "2-fcn-e", "fcn", "e", 150_000, 1100, cpu_flags=["avx2"])
     records, bench = plan_mod.load_records(repo / "reports"), load_bench(repo)
-    assert {r.key: r.native for r in records if r.data == "e"} == {"0-fcn-e": True, "2-fcn-e": False, "1-fcn-e": None}
-    assert project("fcn", "e", 150_000, "32-true", AMD, records, bench, native=True) == (900, "record 0-fcn-e")
-    assert project("fcn", "e", 150_000, "32-true", AMD, records, bench, native=False) == (1100, "record 2-fcn-e")
-    assert project("fcn", "e", 150_000, "32-true", AMD, records, bench, native=None) == \
-        (pytest.approx(1000), "median of 2 records")  # this CPU unknown: both count
-    record(repo, "2-fcn-e", "fcn", "e", 150_000, 1100, cpu_flags=["avx512_bf16", "avx512f", "avx2"])
-    records = plan_mod.load_records(repo / "reports")
-    assert project("fcn", "e", 150_000, "32-true", AMD, records, bench, native=False) == \
-        (900, "median of 3 records on AMD EPYC with other bfloat16 support")  # no record of this machine left
-    assert plan_mod.recorded_native({"segments": [{"cpu_flags": ["avx2"]}, {"cpu_flags": ["amx_bf16"]}]}) is None
+    assert {r.key: r.isa for r in records if r.data == "e"} == {"0-fcn-e": "avx512_bf16", "2-fcn-e": "avx2",
+                                                                "1-fcn-e": None}
+    e = dict(model="fcn", data="e", steps=150_000, precision="32-true", device=AMD, records=records, bench=bench)
+    assert project(**e, isa="avx512_bf16") == (900, "record 0-fcn-e")
+    assert project(**e, isa="avx2") == (1100, "record 2-fcn-e")
+    assert project(**e, isa=None) == (pytest.approx(1000), "median of 2 records")  # this CPU unknown: both count
+    # no record of this generation: the others, each machine named
+    assert project(**e, isa="amx_bf16") == \
+        (900, "median of 3 records on AMD EPYC [avx512_bf16], Intel(R) Xeon(R) Processor, AMD EPYC [avx2]")
+
+
+def test_a_records_generation_is_known_only_where_every_cpu_segment_recorded_it():
+    def segs(*flags):  # "old": a segment of older code, without the key
+        return {"accelerator": "cpu", "segments": [{} if f == "old" else {"cpu_flags": f} for f in flags]}
+
+    assert plan_mod.recorded_isa(segs(["avx2"], ["avx2"])) == "avx2"
+    assert plan_mod.recorded_isa(segs("old", "old")) is None and plan_mod.recorded_isa(segs(None)) is None
+    assert plan_mod.recorded_isa(segs(["avx2"], ["amx_bf16", "avx2"])) == "mixed"  # moved machines: none matches
+    assert plan_mod.recorded_isa(segs("old", ["avx2"])) == "mixed"  # resumed across the change: the first unknown
+    assert plan_mod.recorded_isa({"accelerator": "cuda", "segments": [{}]}) is None
+
+
+def test_cpu_flags_read_proc_cpuinfo_widest_first_and_say_none_where_it_cannot_tell(tmp_path, monkeypatch):
+    import src.runinfo as runinfo
+
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(runinfo, "CPUINFO", info)
+    monkeypatch.setattr(runinfo.platform, "machine", lambda: "x86_64")
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 vaes\n")
+    assert runinfo.cpu_flags() == ["avx512_bf16", "avx512f", "avx2"] and runinfo.native_bf16() == ["avx512_bf16"]
+    assert runinfo.widest_isa(runinfo.cpu_flags()) == "avx512_bf16" and runinfo.has_native_bf16(["avx2"]) is False
+    info.write_text("flags\t\t: fpu sse sse2\n")
+    assert runinfo.cpu_flags() == [] and runinfo.widest_isa([]) == "below avx2" and plan_mod.native_here() is False
+    info.unlink()
+    assert runinfo.cpu_flags() is None and plan_mod.native_here() is None and runinfo.native_bf16() == []
+    info.write_text("Features\t: fp asimd\n")
+    monkeypatch.setattr(runinfo.platform, "machine", lambda: "aarch64")
+    assert runinfo.cpu_flags() is None and plan_mod.isa_here() is None
 
 
 def test_the_committed_benchmarks_parse_for_every_cell_of_the_grid():

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from src.run.callbacks import Stopped
-from src.runinfo import cpu_flags
 from src.models.module import Classifier, sgd_step
 from src.config import compose_config
 from src.models.build import build_model
@@ -102,7 +101,7 @@ def test_smoke_run_learns_and_writes_the_record(smoke, tmp_path, mode):
     prov = json.loads((tmp_path / "run" / "cell" / "provenance.json").read_text())
     assert prov["seed"] == 0 and prov["commit"] and prov["device"] and prov["config"]["loader"]["mode"] == mode
     assert [(s["from_step"], s["to_step"]) for s in prov["segments"]] == [(0, 120)] and not prov["resumed"]
-    assert prov["segments"][0]["cpu_flags"] == cpu_flags()  # the CPU's generation, which its model name hides
+    assert "cpu_flags" in prov["segments"][0]  # the CPU's generation, which its model name hides (tests/test_plan.py)
     rec = torch.load(tmp_path / "run" / "cell" / "outcomes.pt", weights_only=True)
     assert rec["pred"].dtype == torch.uint8 and rec["theta"].shape == (len(rec["pred"]), 6)
     assert 100 * (rec["pred"] != stored_test_labels(smoke)).double().mean().item() == pytest.approx(m["test"]["err"], abs=1e-3)
@@ -142,6 +141,7 @@ def test_resume_after_an_interruption_equals_a_straight_run(smoke, tmp_path, how
                        f"paths.curve_file={tmp_path / tag}.csv", f"paths.cell_dir={tmp_path / tag / 'cell'}")
 
     straight = train(cfg("a"))
+    handler = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN under nohup or a background job
     if how == "kill":
         with pytest.raises(RuntimeError, match="simulated kill"):
             train(cfg("b"), extra_callbacks=(_Crash(how, at),))
@@ -149,7 +149,7 @@ def test_resume_after_an_interruption_equals_a_straight_run(smoke, tmp_path, how
         with pytest.raises(Stopped, match="rerun the same command") as e:
             train(cfg("b"), extra_callbacks=(_Crash(how, at),))
         assert e.value.exit_code == {"sigterm": 143, "sigint": 130}[how]
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+        assert signal.getsignal(signal.SIGINT) is handler  # handlers restored
     assert not (tmp_path / "b.json").exists() and not (tmp_path / "b" / "cell").exists()
     resumed = train(cfg("b"))
     assert resumed == straight

@@ -313,7 +313,7 @@ def plot_invariance(grid: dict, inv: pd.DataFrame, path: Path) -> None:
     cols = n if n <= 3 else -(-n // 2)  # 1-3 in a row, then two rows
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 5.2 * rows), squeeze=False)
-    for ax in axes.flat[len(panels) or 1:]:  # five panels on a 2 × 3 grid
+    for ax in axes.flat[n:]:  # five panels on a 2 × 3 grid
         ax.set_visible(False)
     for ax, data in zip(axes.flat, panels):
         label = INVARIANCE[data].label
@@ -773,9 +773,11 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
         "From each ST cell's record, every seed run: mean |θ − identity| (`theta_dev`), the fraction of sampling "
         "points outside the input (`outside`); for aff/proj the mean determinant, zoom (√|det|), |rotation| and "
         "shift, and the Pearson r of the recovered rotation with the digit's angle and of the zoom with its "
-        "scale (where the data record them); for proj the fraction of clamped perspective divides (`clamped`) and "
-        "the perspective |h31| + |h32| (the most the divisor w = h31·x + h32·y + 1 changes over the frame; 0 "
-        "for an affine map), with its Pearson r with P's largest corner displacement; for tps the mean and "
+        "scale (where the data record them); for proj the fraction of clamped perspective divides (`clamped`), "
+        "the perspective |h31| + |h32| (the most the divisor w = h31·x + h32·y + 1 departs over the frame from "
+        "its 1 at the centre; 0 for an affine map), with its Pearson r with P's largest corner displacement, and "
+        "the fraction of images for which it exceeds 1 (`horizon`: the line w = 0 crosses the frame, and the "
+        "points beyond it map through infinity to the far side of the input); for tps the mean and "
         "largest control-point offset.",
         "",
         theta_markdown(full.thetas),
@@ -795,7 +797,7 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
         "Fit hours per cell, every segment of a resumed run counted, from the records of the cell table below: "
         "one CPU thread per cell, usually beside another cell on the same 2-core machine, evaluation included. "
         "The number where one seed ran, else min–max over the n seeds. A table per machine (the record's "
-        "`device`); the precision of each model is in the cell table. A cell's time also depends on the "
+        "`device`, with its CPU's widest instruction set in brackets where recorded); the precision of each model is in the cell table. A cell's time also depends on the "
         "commit it ran at (the training loop got faster over the project) and on what shared its machine, so "
         "read these as what the cells cost, not as a benchmark ([benchmarks.md](benchmarks.md) measures speed "
         "side by side).",
@@ -803,7 +805,9 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
         *time_tables(df, grid),
         "## Every cell that was run",
         "",
-        "Budget (steps), precision (`model.precision`), fit time (every segment of a resumed run), hardware and "
+        "Budget (steps), precision (`model.precision`), fit time (every segment of a resumed run), hardware (in "
+        "brackets the CPU's widest vector instruction set, `cpu_flags`, where the record has it: one model name can "
+        "cover CPUs with and without native bfloat16) and "
         "the commit of each number above, in full: the commit at its start, then (→) any other commit a resumed "
         "run continued at; **dirty**: src/ or conf/ had uncommitted changes at that commit. The full config and "
         "every segment are in `reports/cells/<cell>/provenance.json`.",

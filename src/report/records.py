@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from src.config import precision_of
 from src.data.warps import DIGIT
-from src.runinfo import REPO, UserError, load_checked
+from src.runinfo import REPO, UserError, load_checked, widest_isa
 
 
 @dataclass
@@ -77,15 +77,16 @@ def segment_commits(prov: dict) -> str:
 
 def segment_devices(prov: dict) -> str:
     """The distinct machines a record trained on, in order, joined by " + " (one for a run never moved). A CPU
-    segment that recorded its vector instruction sets names the widest in brackets: 'AMD EPYC (2 cores, 1
-    threads) [avx512_bf16]' and '… [avx2]' are two generations under one model name."""
+    segment that recorded its instruction sets names the widest in brackets: 'AMD EPYC (2 cores, 1 threads)
+    [avx512_bf16]' and '… [avx2]' are two generations under one model name."""
     devices = [_device(s) for s in prov.get("segments", [])] or [str(prov.get("device", "?"))]
     return " + ".join(dict.fromkeys(devices))
 
 
 def _device(segment: dict) -> str:
-    flags = segment.get("cpu_flags")
-    return str(segment.get("device", "?")) + ("" if flags is None else f" [{(flags or ['no avx2'])[0]}]")
+    """One segment's machine: its device, and its CPU's widest instruction set where recorded."""
+    isa = widest_isa(segment.get("cpu_flags"))
+    return str(segment.get("device", "?")) + (f" [{isa}]" if isa else "")
 
 
 @functools.lru_cache(maxsize=8)

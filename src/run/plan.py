@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.config import model_config, precision_of
-from src.runinfo import REPO, UserError, check_dvc_lock, native_bf16
+from src.runinfo import REPO, UserError, check_dvc_lock, cpu_flags, has_native_bf16, widest_isa
 
 REACH_HOURS = 24.0  # a cell projected beyond this on a CPU: the GPU window or the cluster
 BEYOND = "beyond a CPU's reach: GPU window or cluster"
@@ -60,20 +59,25 @@ class Measured:
     device: str = ""  # the CPU model or GPU, without the core and thread counts
     key: str = ""
     cpu: bool = True
-    native: bool | None = None  # had its CPU native bfloat16 (the segments' cpu_flags; None: not recorded)
+    isa: str | None = None  # its CPU's widest vector instruction set (runinfo.widest_isa); None: not recorded
+
+    def where(self) -> str:
+        return self.device + (f" [{self.isa}]" if self.isa else "")
 
 
-def on_machine(r: Measured, here: str, native: bool | None) -> bool:
-    """Was ``r`` measured on this machine: the same CPU model (or GPU), and where both are known, the same
-    bfloat16 support (one model name, 'AMD EPYC', covers CPUs with and without it)."""
-    return r.device == here and (r.native is None or native is None or r.native == native)
+def on_machine(r: Measured, here: str, isa: str | None) -> bool:
+    """Was ``r`` measured on this machine: the same CPU model (or GPU) and, where both are known, the same
+    widest instruction set (one model name, 'AMD EPYC', covers CPUs with and without native bfloat16)."""
+    return r.device == here and (r.isa is None or isa is None or r.isa == isa)
 
 
-def recorded_native(prov: dict) -> bool | None:
-    """Native bfloat16 on every CPU segment of a record, as its ``cpu_flags`` say; None where not recorded or
-    where its segments differ."""
-    seen = {any(f.endswith("_bf16") for f in s["cpu_flags"]) for s in prov.get("segments", []) if "cpu_flags" in s}
-    return seen.pop() if len(seen) == 1 else None
+def recorded_isa(prov: dict) -> str | None:
+    """A CPU record's widest instruction set, from its segments' ``cpu_flags``: None where none recorded it
+    (older records); 'mixed' where its segments differ or only some recorded it, which no machine matches."""
+    if prov.get("accelerator", "cpu") != "cpu":
+        return None
+    seen = {widest_isa(s.get("cpu_flags")) for s in prov.get("segments", [])}
+    return None if seen <= {None} else seen.pop() if len(seen) == 1 else "mixed"
 
 
 def machine(device: str) -> str:
@@ -92,7 +96,7 @@ def load_records(reports: Path) -> list[Measured]:
             if steps > 0 and secs > 0:
                 out.append(Measured(cfg["model"]["name"], cfg["data"]["name"], str(precision), secs / steps,
                                     machine(p.get("device", "")), p.get("cell", path.parent.name),
-                                    p.get("accelerator", "cpu") == "cpu", recorded_native(p)))
+                                    p.get("accelerator", "cpu") == "cpu", recorded_isa(p)))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # unreadable or foreign: no evidence
     return out
@@ -151,52 +155,54 @@ def load_bench(root: Path) -> list[Bench]:
 # ------------------------------------------------------------------ the projection
 
 def project(model: str, data: str, steps: int, precision: str, device: str, records: list[Measured],
-            bench: list[Bench], cpu: bool = True, native: bool | None = None) -> tuple[float | None, str]:
+            bench: list[Bench], cpu: bool = True, native: bool | None = None,
+            isa: str | None = None) -> tuple[float | None, str]:
     """(seconds, where the number comes from) of one cell of ``steps`` steps on ``device`` (a CPU, or a GPU:
     only its own records count there); (None, why) if unknown. ``native``: does this CPU have native bfloat16
-    (None: assume the records' CPUs are like it)."""
+    (None: assume the records' CPUs are like it); ``isa``: its widest instruction set, which a record of the
+    same CPU model must share to count as this machine's (None: unknown, any does)."""
     emulated = [b for b in bench if b.native is False]
     bench = [b for b in bench if b.native is not False]  # the emulated tables serve only the emulated case below
     here = machine(device)
     records = [r for r in records if r.cpu == cpu and (cpu or r.device == here)]
     if emulated_bf16(precision, cpu, native):  # the records' CPUs had it: this CPU's own benchmark instead
         cal = next((b for b in bench if any((r.model, r.data) == (model, data) for r in b.rows)), None)
-        found = _from_bench(emulated, model, data, precision, steps, records, here, native, cal)
+        found = _from_bench(emulated, model, data, precision, steps, records, here, isa, cal)
         return (found[0], found[1] + ", bf16-mixed emulated here") if found else \
             (None, "bf16-mixed emulated here (no native bfloat16), and no benchmark of that")
     same = [r for r in records if (r.model, r.data) == (model, data)]
     tiers = [(p, d) for p in (True, False) for d in (True, False)]  # same precision first, then same machine
     for same_prec, same_dev in tiers:
         pick = [r for r in same
-                if (r.precision == precision) == same_prec and on_machine(r, here, native) == same_dev]
+                if (r.precision == precision) == same_prec and on_machine(r, here, isa) == same_dev]
         if not pick:
             continue
         s = statistics.median(r.s_per_step for r in pick)
         what = f"record {pick[0].key}" if len(pick) == 1 else f"median of {len(pick)} records"
-        if not same_dev:
-            what += f" on {pick[0].device}" + (" with other bfloat16 support" if pick[0].device == here else "")
+        what += "" if same_dev else " on " + ", ".join(dict.fromkeys(r.where() for r in pick))
         if not same_prec:
             ratio = _precision_ratio(model, data, pick[0].precision, precision, bench)
             s *= ratio or 1.0
             what += f" at {pick[0].precision}" + (f" ×{ratio:.2f} ({precision} by the benchmark)" if ratio else "")
         return s * steps, what
     if cpu:  # the benchmark tables time a CPU core
-        found = _from_bench(bench, model, data, precision, steps, records, here, native)
+        found = _from_bench(bench, model, data, precision, steps, records, here, isa)
         if found:
             return found
     return None, "no record or benchmark" if cpu else f"no record on {here}"
 
 
 def _from_bench(tables: list[Bench], model: str, data: str, precision: str, steps: int, records: list[Measured],
-                here: str, native: bool | None = None, calibration: Bench | None = None) -> tuple[float, str] | None:
+                here: str, isa: str | None = None, calibration: Bench | None = None) -> tuple[float, str] | None:
     """The cell's step time in the first table that has it × steps, calibrated on the records (by the table's own
-    rows, or ``calibration``'s: the overhead of a whole cell over a bare step)."""
+    rows on this machine's records, or by ``calibration``'s on the records of any CPU of its model name, since
+    which of them ran that table is not known: the overhead of a whole cell over a bare step)."""
     for b in tables:
         row = next((r for r in b.rows if (r.model, r.data, r.precision) == (model, data, precision)), None)
         if row is None:
             continue
         cal = calibration or b
-        factor, n = _calibration(cal.rows, records, here, native)
+        factor, n = _calibration(cal.rows, records, here, isa if cal is b else None)
         by = "" if cal is b else f" of {Path(cal.name).name}"
         what = Path(b.name).name + (f" ×{factor:.2f} (calibrated on {_n(n, 'record')}{by})" if n else " (step only)")
         return row.s_per_step * factor * steps, what
@@ -210,9 +216,12 @@ def emulated_bf16(precision: str, cpu: bool, native: bool | None) -> bool:
 
 def native_here() -> bool | None:
     """Has this CPU native bfloat16 (AMX or AVX512-BF16)? None where /proc/cpuinfo cannot say (not x86 Linux)."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or not Path("/proc/cpuinfo").exists():
-        return None
-    return bool(native_bf16())
+    return has_native_bf16(cpu_flags())
+
+
+def isa_here() -> str | None:
+    """This CPU's widest instruction set, as its records will name it; None where /proc/cpuinfo cannot say."""
+    return widest_isa(cpu_flags())
 
 
 def _precision_ratio(model, data, have, want, bench) -> float | None:
@@ -224,12 +233,12 @@ def _precision_ratio(model, data, have, want, bench) -> float | None:
 
 
 def _calibration(rows: list[Measured], records: list[Measured], here: str,
-                 native: bool | None = None) -> tuple[float, int]:
+                 isa: str | None = None) -> tuple[float, int]:
     """Median of record / benchmark over the cells both have (this CPU model's records if any): the benchmark
     times one step of an idle or loaded core, a record the whole cell (data, evaluation, the loop)."""
     bench = {(r.model, r.data, r.precision): r.s_per_step for r in rows}
     pairs = [(r, bench[k]) for r in records if (k := (r.model, r.data, r.precision)) in bench]
-    local = [p for p in pairs if on_machine(p[0], here, native)]
+    local = [p for p in pairs if on_machine(p[0], here, isa)]
     pairs = local or pairs
     if not pairs:
         return 1.0, 0
@@ -264,7 +273,7 @@ def start_line(cfg, label: str) -> str:
     try:
         device, cpu = run_device(cfg.trainer.accelerator)
         seconds, _ = project(str(cfg.model.name), str(cfg.data.name), steps, precision, device,
-                             load_records(REPO / "reports"), load_bench(REPO), cpu, native_here())
+                             load_records(REPO / "reports"), load_bench(REPO), cpu, native_here(), isa_here())
     except Exception:  # noqa: BLE001 - a projection never stops a run
         pass
     return f"{label}: {steps} steps on {device}, precision {precision}, projected {hours(seconds)}"
@@ -358,7 +367,7 @@ def stage_cell(stage: str, cmd: str) -> Planned:
 def plan(root: Path = REPO) -> tuple[list[Planned], list[str]]:
     """The cells ``dvc repro`` would train, in its order, each projected; and the other stages it would run."""
     stages, outs = repro_stages(root)
-    records, bench, native = load_records(root / "reports"), load_bench(root), native_here()
+    records, bench, native, isa = load_records(root / "reports"), load_bench(root), native_here(), isa_here()
     cells, others = [], []
     for s in stages:
         runs, code_only = _changed(s["changes"], outs)
@@ -369,7 +378,7 @@ def plan(root: Path = REPO) -> tuple[list[Planned], list[str]]:
             continue
         c = stage_cell(s["stage"], s["cmd"])
         c.seconds, c.source = project(c.model, c.data, c.steps, c.precision, c.device, records, bench, c.cpu,
-                                      native)
+                                      native, isa)
         c.code_only = code_only
         c.emulated = emulated_bf16(c.precision, c.cpu, native)
         cells.append(c)

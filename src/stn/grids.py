@@ -262,11 +262,14 @@ class ProjectiveGrid(_MatrixStats, GridGenerator):
 
     @torch.no_grad()
     def summary(self, theta: torch.Tensor, measures: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Adds how much perspective θ uses, |h31| + |h32| (the most w = h31·x + h32·y + 1 changes over
-        [-1, 1]²), and its Pearson r with the largest corner displacement."""
+        """Adds how much perspective θ uses, |h31| + |h32| (the most w = h31·x + h32·y + 1 departs over [-1, 1]²
+        from its 1 at the centre), the fraction of images where that exceeds 1 (``horizon``: the line w = 0
+        crosses the output, and the points beyond it map through infinity to the far side of the input),
+        and its Pearson r with the largest corner displacement."""
         out = super().summary(theta, measures)
         persp = theta[:, 6:].abs().sum(1)
         out["perspective"] = float(persp.mean())
+        out["horizon"] = float((persp > 1).float().mean())
         if "corners" in measures:
             moved = measures["corners"].float()
             out["r(perspective, corners)"] = float(torch.corrcoef(torch.stack([persp, moved]))[0, 1])
