@@ -156,10 +156,13 @@ def test_adding_the_study_restales_no_committed_table_cell():
     lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
     committed = [s for s, st in lock.items() if s.startswith(("train@", "short@"))  # those with a record in git
                  and all((REPO / o["path"]).exists() for o in st.get("outs", []))]
-    out = subprocess.run(["dvc", "status", "--json", *committed], cwd=REPO, capture_output=True, text=True)
+    # one status of every stage, then the committed ones: naming 70 targets makes dvc resolve the file 70 times
+    out = subprocess.run(["dvc", "status", "--json"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     stale = {}
     for stage, changes in json.loads(out.stdout or "{}").items():
+        if stage not in committed:
+            continue
         for change in changes:
             for kind, what in (change.items() if isinstance(change, dict) else []):
                 bad = {p: s for p, s in (what.items() if isinstance(what, dict) else [])
