@@ -27,12 +27,14 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1",
                 "MKL_NUM_THREADS": "1", "DNNL_MAX_CPU_ISA": "SSE41"}
 FILE = Path(__file__).resolve().with_suffix(".json")  # src/run/fingerprint.json, a dependency of every train cell
 STEPS, BATCH, N_DIGITS, N_EVAL = 200, 8, 64, 32
+TIMEOUT = 1800  # seconds for the whole computation: a hung child is killed, not waited for
 SMALL_CANVAS = 42  # TC's 60×60 canvas shrunk to RTS's: the smallest on which every network of the grid builds
 
 
@@ -116,18 +118,20 @@ def pinned(only: list[str] | None = None, parent_env: dict[str, str] | None = No
            jobs: int | None = None) -> dict[str, str]:
     """The hashes, computed in child processes pinned to portable kernels, whatever ``parent_env`` says: one
     per core (``jobs``), each on one thread, taking the next cell whenever it is done with one. A cell's hash
-    depends on nothing computed before it, so how the cells are shared out leaves every hash as it is."""
+    depends on nothing computed before it, so how the cells are shared out leaves every hash as it is.
+    Children still running after TIMEOUT are killed: subprocess.TimeoutExpired."""
     child_env = {**os.environ, **(parent_env or {}), **PORTABLE_ENV}
     todo = queue.SimpleQueue()
     for cell in only or grid_cells():
         todo.put(cell)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    out, failed = {}, []
+    cmd = [sys.executable, "-m", "src.run.fingerprint", "--serve"]
+    out, failed, children = {}, [], []
 
     def worker():
-        child = subprocess.Popen([sys.executable, "-m", "src.run.fingerprint", "--serve"], cwd=FILE.parents[2],
-                                 env=child_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
+        child = subprocess.Popen(cmd, cwd=FILE.parents[2], env=child_env, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        children.append(child)
         try:
             while not failed:
                 try:
@@ -150,10 +154,18 @@ def pinned(only: list[str] | None = None, parent_env: dict[str, str] | None = No
             child.wait(timeout=60)
 
     threads = [threading.Thread(target=worker) for _ in range(max(1, min(jobs or cores, todo.qsize())))]
+    deadline = time.monotonic() + TIMEOUT
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in threads):
+        failed.append("timed out")
+        for child in children:
+            child.kill()  # its worker's readline returns, and the worker ends
+        for t in threads:
+            t.join()
+        raise subprocess.TimeoutExpired(cmd, TIMEOUT)
     if failed:
         raise RuntimeError("fingerprint child failed:\n" + "\n".join(failed))
     return out
