@@ -797,10 +797,10 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
         "Fit hours per cell, every segment of a resumed run counted, from the records of the cell table below: "
         "one CPU thread per cell, usually beside another cell on the same 2-core machine, evaluation included. "
         "The number where one seed ran, else min–max over the n seeds. A table per machine (the record's "
-        "`device`, with its CPU's widest instruction set in brackets where recorded); the precision of each model is in the cell table. A cell's time also depends on the "
-        "commit it ran at (the training loop got faster over the project) and on what shared its machine, so "
-        "read these as what the cells cost, not as a benchmark ([benchmarks.md](benchmarks.md) measures speed "
-        "side by side).",
+        "`device`, with its CPU's widest instruction set in brackets where recorded); the precision of each "
+        "model is in the cell table. A cell's time also depends on the commit it ran at (the training loop got "
+        "faster over the project) and on what shared its machine, so read these as what the cells cost, not as a "
+        "benchmark ([benchmarks.md](benchmarks.md) measures speed side by side).",
         "",
         *time_tables(df, grid),
         "## Every cell that was run",
