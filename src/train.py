@@ -45,6 +45,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E40
 from src.cell import Cell  # noqa: E402
 from src.config import ConfigError, added_keys, check_added_keys, compose_config, result_hash, validate  # noqa: E402
 from src.data.datamodule import DistortedMNIST  # noqa: E402
+from src.models.bf16 import Bf16ViaFloat32Precision  # noqa: E402
 from src.models.build import build_model  # noqa: E402
 from src.models.module import Classifier  # noqa: E402
 from src.run.callbacks import (CodeStamp, CurveRecorder, DivergenceGuard, ProgressLog, Segments, SignalStop,  # noqa: E402
@@ -203,11 +204,11 @@ def check_same_code(ckpt: Path, cfg: DictConfig, label: str, code: dict[str, str
 
 def emulated_bf16(cfg: DictConfig) -> str | None:
     """One line when a bf16-mixed cell runs on a CPU without native bfloat16: the same precision (the
-    config decides it, never the machine), only slower."""
+    config decides it, never the machine), on float32 kernels (src.models.bf16)."""
     on_cpu = cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())
     if cfg.model.precision == "bf16-mixed" and on_cpu and not native_bf16():
         return ("note: model.precision=bf16-mixed on a CPU without native bfloat16 (no AMX or AVX512-BF16): "
-                "the same precision, emulated, and slower than 32-true would be here")
+                "the same precision, its convolutions and matrix products on float32 kernels, rounded once to bfloat16")
     return None
 
 
@@ -232,15 +233,18 @@ def make_trainer(cfg: DictConfig, ckpt_dir: Path, callbacks: list, label: str) -
     last = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
                                         auto_insert_metric_name=False, enable_version_counter=False)
     bar = [] if cfg.quiet or not sys.stderr.isatty() else [pl.callbacks.RichProgressBar()]
+    # Lightning takes the precision by name, or as a plugin: bf16-mixed without native bfloat16 is the latter
+    emulated = emulated_bf16(cfg) is not None
+    precision, plugins = ({}, [Bf16ViaFloat32Precision()]) if emulated else ({"precision": cfg.model.precision}, [])
     if t.get("tf32") and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, max_steps=t.max_steps, max_epochs=-1,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
-        limit_val_batches=t.limit_val_batches, deterministic=t.deterministic, precision=cfg.model.precision,
+        limit_val_batches=t.limit_val_batches, deterministic=t.deterministic, **precision,
         logger=False, callbacks=[best, last, *callbacks, ProgressLog(label, t.max_steps), *bar],
         enable_progress_bar=bool(bar), enable_model_summary=False, num_sanity_val_steps=0,
-        default_root_dir=ckpt_dir.parent, plugins=[AtomicCheckpointIO()],
+        default_root_dir=ckpt_dir.parent, plugins=[AtomicCheckpointIO(), *plugins],
     )
 
 

@@ -414,6 +414,9 @@ def test_time_tables_give_each_machine_its_cells_hours_and_leave_reduced_budgets
                                 {"device": "a", "cpu_flags": ["avx2"]}, {"device": "a", "cpu_flags": []},
                                 {"device": "a", "cpu_flags": None}, {"device": "g"}]}  # unknown, and a GPU
     assert segment_devices(generations) == "a [avx512_bf16] + a [avx2] + a [below avx2] + a + g"
+    emulated = {"segments": [{"device": "a", "cpu_flags": ["avx512_bf16"]},
+                             {"device": "a", "cpu_flags": ["avx2"], "bf16_kernels": "float32"}]}
+    assert segment_devices(emulated) == "a [avx512_bf16] + a [avx2; bf16 on float32 kernels]"
 
 
 def test_wilson_interval_of_known_cases():

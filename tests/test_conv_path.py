@@ -162,3 +162,4 @@ def test_bf16_smoke_run_of_an_st_cnn_records_its_precision(synthetic_data, tmp_p
     assert m["steps"] == cfg.trainer.max_steps
     prov = json.loads((tmp_path / "cell" / "provenance.json").read_text())
     assert prov["precision"] == "bf16-mixed" and prov["config"]["model"]["precision"] == "bf16-mixed"
+    assert [s["bf16_kernels"] for s in prov["segments"]] == ["float32"]  # src.models.bf16, named in the record

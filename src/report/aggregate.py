@@ -807,7 +807,8 @@ def render(full: Budget, short: Budget, counts: pd.DataFrame, refs: dict, table_
         "",
         "Budget (steps), precision (`model.precision`), fit time (every segment of a resumed run), hardware (in "
         "brackets the CPU's widest vector instruction set, `cpu_flags`, where the record has it: one model name can "
-        "cover CPUs with and without native bfloat16) and "
+        "cover CPUs with and without native bfloat16; `bf16 on float32 kernels`: a bf16-mixed segment on a CPU without "
+        "it, [decisions.md](decisions.md)) and "
         "the commit of each number above, in full: the commit at its start, then (→) any other commit a resumed "
         "run continued at; **dirty**: src/ or conf/ had uncommitted changes at that commit. The full config and "
         "every segment are in `reports/cells/<cell>/provenance.json`.",

@@ -84,9 +84,12 @@ def segment_devices(prov: dict) -> str:
 
 
 def _device(segment: dict) -> str:
-    """One segment's machine: its device, and its CPU's widest instruction set where recorded."""
-    isa = widest_isa(segment.get("cpu_flags"))
-    return str(segment.get("device", "?")) + (f" [{isa}]" if isa else "")
+    """One segment's machine: its device, and its CPU's widest instruction set where recorded (and the float32
+    kernels of a bf16-mixed segment on a CPU without native bfloat16, src.models.bf16)."""
+    notes = [widest_isa(segment.get("cpu_flags")),
+             "bf16 on float32 kernels" if segment.get("bf16_kernels") == "float32" else None]
+    notes = [n for n in notes if n]
+    return str(segment.get("device", "?")) + (f" [{'; '.join(notes)}]" if notes else "")
 
 
 @functools.lru_cache(maxsize=8)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
+from src.models.bf16 import Bf16ViaFloat32Precision
 from src.runinfo import UserError, cpu_flags, device_name, git_commit
 
 CURVE_KEYS = ["step", "train_loss", "val_loss", "val_err", "lr"]
@@ -116,7 +117,8 @@ class ProgressLog(pl.Callback):
 
 class Segments(pl.Callback):
     """Provenance of every process that worked on the run: commit at its start, device (a CPU with its vector
-    instruction sets), steps, wall time."""
+    instruction sets; ``bf16_kernels: float32`` where bf16-mixed ran on float32 kernels, src.models.bf16), steps,
+    wall time."""
 
     def __init__(self):
         self.done: list[dict] = []
@@ -128,6 +130,8 @@ class Segments(pl.Callback):
         device = trainer.strategy.root_device
         self.current = {"commit": git_commit(), "device": device_name(device),
                         **({"cpu_flags": cpu_flags()} if device.type == "cpu" else {}),
+                        **({"bf16_kernels": "float32"} if isinstance(trainer.precision_plugin, Bf16ViaFloat32Precision)
+                           else {}),
                         "from_step": int(trainer.global_step), "to_step": int(trainer.global_step), "seconds": 0.0}
 
     def segments(self) -> list[dict]:

@@ -1,0 +1,99 @@
+"""bf16-mixed on a CPU without native bfloat16 (src.models.bf16): the heavy operators on float32 kernels give
+the arithmetic of a native kernel (bfloat16 operands, float32 sums, one rounding), checked against a float64
+oracle on the same operands, through the forward and the backward of a training step."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.plugins.precision import MixedPrecision
+
+import src.train as train_mod
+from src.config import compose_config
+from src.models.bf16 import Bf16ViaFloat32, Bf16ViaFloat32Precision
+from src.models.build import build_model
+
+aten = torch.ops.aten
+
+
+def _conv_ops(x, w, b, g):
+    """A convolution with bias and its three gradients (input, weight, bias)."""
+    return (F.conv2d(x, w, b), *aten.convolution_backward(g, x, w, [len(b)], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                                         [True, True, True]))
+
+
+def _linear_ops(a, w, b, g):
+    """A linear layer (addmm) and its two matrix-product gradients (mm)."""
+    return F.linear(a, w, b), g @ w, g.t() @ a
+
+
+def _within_one_rounding(got, ops, operands) -> float:
+    """The worst error of ``got`` against ``ops`` in float64 on the same bfloat16 operands, in units of one
+    bfloat16 rounding (2⁻⁸ |exact|, twice the half-ulp) plus float32 summation (2⁻¹⁶ Σ|terms|, from the
+    same ops on the operands' absolute values): ≤ 1 holds for a native kernel's arithmetic."""
+    exact = ops(*(t.double() for t in operands))
+    scale = ops(*(t.double().abs() for t in operands))
+    return max(((o.double() - e).abs() / (2 ** -8 * e.abs() + 2 ** -16 * s)).max().item()
+               for o, e, s in zip(got, exact, scale))
+
+
+CASES = {
+    "conv": (_conv_ops, [(64, 20, 14, 14), (40, 20, 7, 7), (40,), (64, 40, 8, 8)], 2),
+    "linear": (_linear_ops, [(256, 2520), (10, 2520), (10,), (256, 10)], 3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_heavy_operators_round_once_as_a_native_kernel(case):
+    ops, shapes, calls = CASES[case]
+    g = torch.Generator().manual_seed(0)
+    operands = [torch.randn(s, generator=g).bfloat16() for s in shapes]
+    with Bf16ViaFloat32() as mode:
+        got = ops(*operands)
+    assert mode.calls == calls and all(t.dtype == torch.bfloat16 for t in got)
+    assert _within_one_rounding(got, ops, operands) <= 1
+
+
+def test_the_mode_takes_every_heavy_operator_of_a_training_step_forward_and_backward():
+    """An ST-CNN step under autocast: every convolution and matrix product, the backward's too, runs on float32
+    kernels (the float32 ones seen are those: ATen never sees a bfloat16 one)."""
+    cfg = compose_config(["model=st_cnn", "data=r"])
+    torch.manual_seed(0)
+    net, _ = build_model(cfg)
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    seen: list[str] = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):  # under the mode: what reaches ATen
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in {aten.convolution.default, aten.convolution_backward.default, aten.mm.default,
+                        aten.addmm.default}:
+                seen.append(f"{func.__name__}:{args[0].dtype}")
+            return func(*args, **(kwargs or {}))
+
+    with Spy(), torch.autocast("cpu", dtype=torch.bfloat16), Bf16ViaFloat32() as mode:
+        F.cross_entropy(net(x), y).backward()
+    assert mode.calls >= 12  # 4 convolutions, 2 linear layers: each with its backward
+    assert not [s for s in seen if s.endswith("bfloat16")]  # no bfloat16 convolution or product left to ATen
+    assert any(s.startswith("convolution_backward") for s in seen)
+
+
+def test_a_cpu_without_native_bf16_trains_bf16_mixed_on_float32_kernels(monkeypatch, tmp_path):
+    cfg = compose_config(["model=cnn", "model.precision=bf16-mixed", "trainer.accelerator=cpu", "trainer=smoke"])
+    plugin = lambda: train_mod.make_trainer(cfg, tmp_path / "ckpt", [], "cell").precision_plugin  # noqa: E731
+    monkeypatch.setattr(train_mod, "native_bf16", lambda: [])
+    assert isinstance(plugin(), Bf16ViaFloat32Precision)
+    monkeypatch.setattr(train_mod, "native_bf16", lambda: ["amx_bf16"])
+    assert type(plugin()) is MixedPrecision and plugin().precision == "bf16-mixed"
+    cfg = compose_config(["model=cnn", "model.precision=32-true", "trainer.accelerator=cpu", "trainer=smoke"])
+    monkeypatch.setattr(train_mod, "native_bf16", lambda: [])
+    assert not isinstance(plugin(), MixedPrecision)
+
+
+def test_other_dtypes_pass_through_untouched():
+    a, b = torch.randn(8, 5, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    with Bf16ViaFloat32() as mode, contextlib.nullcontext():
+        out = a @ b
+    assert mode.calls == 0 and out.dtype == torch.float64 and torch.equal(out, a @ b)
