@@ -14,7 +14,7 @@ distortion (``fit_seconds / steps`` × the cell's steps; the median over the rec
 and the cell's precision, else the nearest: another CPU, another precision scaled by the benchmark's
 bf16/fp32 ratio); else from a benchmark table (reports/bench/conv.md for the CNN family, section 4 of
 reports/benchmarks.md), calibrated by the records that both have; else it is unknown. A ``bf16-mixed`` cell
-on a CPU without native bfloat16 (no AMX or AVX512-BF16) runs emulated on float32 kernels, several times slower
+on a CPU without native bfloat16 (no AMX or AVX512-BF16) runs emulated on float32 kernels, slower
 than the records and the benchmark of a CPU with it: its time is the step of a benchmark table made on such a CPU (its header
 says "Native bfloat16: none"), calibrated by the records as the other tables are, else unknown. Each number
 says where it came from. A cell projected beyond ``REACH_HOURS`` on a CPU is marked: train it on a
@@ -446,7 +446,7 @@ def report(cells: list[Planned], others: list[str], limit_hours: float | None) -
     if emulated:
         lines.append(f"{_n(len(emulated), 'cell')} in bf16-mixed {'runs' if len(emulated) == 1 else 'run'} emulated on "
                      "this CPU (no AMX or AVX512-BF16), on float32 kernels (src.models.bf16): at about the float32 "
-                     "speed, several times slower than on a CPU with native bfloat16.")
+                     "speed, slower than on a CPU with native bfloat16.")
     code = [c for c in cells if c.code_only]
     if code:
         lines.append(f"{len(code)} of these cells {'is' if len(code) == 1 else 'are'} stale only through training code "
