@@ -15,6 +15,7 @@ import src.train as train_mod
 from src.config import ConfigError, compose_config, validate
 from src.data.datamodule import DistortedMNIST
 from src.run.fingerprint import synthetic_digits
+from src.models.bf16 import Bf16ViaFloat32
 from src.models.build import build_model
 from src.models.conv import OneChannelConv2d, _OneChannelConv
 from src.runinfo import REPO
@@ -151,8 +152,19 @@ def test_bf16_on_a_cpu_without_native_bf16_is_named_in_one_line(monkeypatch):
 
 
 def test_bf16_smoke_run_of_an_st_cnn_records_its_precision(synthetic_data, tmp_path, monkeypatch):
-    """A CI-sized run of the path, on a CPU said to have no native bf16: it runs and says so."""
+    """A CI-sized run of the path, on a CPU said to have no native bf16: it runs on float32 kernels in training
+    (with gradients) and in evaluation (without), and says so."""
     monkeypatch.setattr(train_mod, "native_bf16", lambda: [])
+    taken, dispatch = [], Bf16ViaFloat32.__torch_dispatch__
+
+    def counted(self, func, types, args=(), kwargs=None):
+        calls = self.calls
+        out = dispatch(self, func, types, args, kwargs)
+        if self.calls > calls:
+            taken.append(torch.is_grad_enabled())
+        return out
+
+    monkeypatch.setattr(Bf16ViaFloat32, "__torch_dispatch__", counted)
     cfg = compose_config([
         "model=st_cnn", "data=r", "model.precision=bf16-mixed", "trainer=smoke", "quiet=true",
         f"paths.data_dir={synthetic_data['data_dir']}", f"paths.raw_file={synthetic_data['raw_file']}",
@@ -163,3 +175,4 @@ def test_bf16_smoke_run_of_an_st_cnn_records_its_precision(synthetic_data, tmp_p
     prov = json.loads((tmp_path / "cell" / "provenance.json").read_text())
     assert prov["precision"] == "bf16-mixed" and prov["config"]["model"]["precision"] == "bf16-mixed"
     assert [s["bf16_kernels"] for s in prov["segments"]] == ["float32"]  # src.models.bf16, named in the record
+    assert True in taken and False in taken

@@ -162,6 +162,19 @@ def test_a_bf16_cell_on_a_cpu_without_native_bf16_is_projected_as_emulated_not_a
     assert "3 cells in bf16-mixed run emulated on this CPU (no AMX or AVX512-BF16)" in lines
 
 
+def test_a_bf16_record_on_float32_kernels_times_only_cpus_without_native_bf16(repo):
+    """A bf16-mixed record of an AVX2 CPU serves that CPU's bf16 projections first, and never a native CPU's."""
+    record(repo, "1-cnn-r", "cnn", "r", 150_000, 9000, precision="bf16-mixed", cpu_flags=["avx2"])
+    (repo / "reports" / "bench" / "conv_no_native_bf16.md").write_text(CONV + "\nNative bfloat16: none (…).\n")
+    records, bench = plan_mod.load_records(repo / "reports"), load_bench(repo)
+    assert project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, native=False, isa="avx2") == \
+        (9000, "record 1-cnn-r, bf16-mixed emulated here")
+    assert project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, native=False, isa="avx512f")[1] \
+        .startswith("conv_no_native_bf16.md")  # another generation: its benchmark, not that record
+    assert project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, native=True, isa="avx512_bf16") == \
+        (pytest.approx(150_000 * 0.1 * 0.5), "record 0-cnn-r at 32-true ×0.50 (bf16-mixed by the benchmark)")
+
+
 def test_records_of_one_cpu_model_and_another_generation_are_another_machine(repo):
     """'AMD EPYC' names CPUs with and without AVX512-BF16; a record's cpu_flags tell them apart where recorded."""
     record(repo, "0-fcn-e", "fcn", "e", 150_000, 900, cpu_flags=["avx512_bf16", "avx512f", "avx2"])

@@ -6,13 +6,14 @@ operands, sums the products in float32 and rounds the sum once to bfloat16. The 
 bfloat16 numbers is exact in float32, so a float32 convolution or matrix product of the same
 operands, rounded once, is that arithmetic too, up to the order of summation (which differs between
 native kernels as well). Without native bfloat16, ATen's own bfloat16 convolution is no such path:
-it is 4–7× slower than float32 here, and its backward sums in bfloat16, far off the once-rounded
+it is 4–11× slower than float32 here, and its backward sums in bfloat16, far off the once-rounded
 result (tests/test_bf16.py measures both against a float64 oracle).
 
 :class:`Bf16ViaFloat32` runs the heavy operators (convolution, its backward, the matrix products)
-that way whenever they see bfloat16 tensors; everything else stays ATen's own, in the dtypes
-autocast gives it. :class:`Bf16ViaFloat32Precision` is Lightning's ``bf16-mixed`` with it around
-every step (training, with its backward, validation and test).
+that way whenever all their tensors are bfloat16; everything else (pooling, ReLU, the col2im of
+``src.models.conv``) stays ATen's own, the same kernels on every CPU, in the dtypes autocast gives
+it. :class:`Bf16ViaFloat32Precision` is Lightning's ``bf16-mixed`` with it around every step
+(training, validation, test) and every backward.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def _down(a):
 
 
 class Bf16ViaFloat32(TorchDispatchMode):
-    """A heavy operator with bfloat16 operands computed in float32 and its results rounded once to bfloat16;
-    every other operator as it is. ``calls`` counts the operators it took over."""
+    """A heavy operator whose tensors are all bfloat16 computed in float32, its results rounded once to
+    bfloat16; every other operator as it is (a mixed-dtype call gets ATen's own error). ``calls`` counts the
+    operators it took over."""
 
     def __init__(self):
         super().__init__()
@@ -47,7 +49,8 @@ class Bf16ViaFloat32(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in HEAVY or not any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if func not in HEAVY or not tensors or any(t.dtype != torch.bfloat16 for t in tensors):
             return func(*args, **kwargs)
         self.calls += 1
         out = func(*map(_up, args), **{k: _up(v) for k, v in kwargs.items()})
@@ -64,3 +67,9 @@ class Bf16ViaFloat32Precision(MixedPrecision):
     def forward_context(self) -> Iterator[None]:
         with super().forward_context(), Bf16ViaFloat32():
             yield
+
+    def backward(self, *args, **kwargs):
+        """Lightning's automatic optimisation calls the backward outside the step's context (manual
+        optimisation, ours, calls it inside, where a second mode only passes float32 on)."""
+        with Bf16ViaFloat32():
+            return super().backward(*args, **kwargs)

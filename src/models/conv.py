@@ -5,8 +5,10 @@ oneDNN's and ATen's backward-data for one input channel run at a fraction of the
 (about 3× the forward's time at batch 256 on our CPUs, bench/bench_conv.py). With one input
 channel, the input gradient is one GEMM, wᵀ·g → (B, k·k, HW), and a col2im (``F.fold``) that
 sums the k·k shifted copies: the same sums in another order. The weight and bias gradients and the
-forward stay the library's own. Both run in float32 under autocast too: ATen's col2im is several
-times slower in bfloat16, and a float32 GEMM into it costs less than the conversion it would need.
+forward stay the library's own. Under bf16-mixed the backward runs in the autocast it was called in:
+the GEMM's operands are cast to bfloat16 and the col2im sums the k·k copies in bfloat16, a coarser
+sum than a native kernel's float32 one, the same on every CPU (the paired check of
+reports/decisions.md covers the path as it is).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.config import model_config, precision_of
-from src.runinfo import REPO, UserError, check_dvc_lock, cpu_flags, has_native_bf16, widest_isa
+from src.runinfo import BF16_FLAGS, REPO, UserError, check_dvc_lock, cpu_flags, has_native_bf16, widest_isa
 
 REACH_HOURS = 24.0  # a cell projected beyond this on a CPU: the GPU window or the cluster
 BEYOND = "beyond a CPU's reach: GPU window or cluster"
@@ -165,12 +165,18 @@ def project(model: str, data: str, steps: int, precision: str, device: str, reco
     bench = [b for b in bench if b.native is not False]  # the emulated tables serve only the emulated case below
     here = machine(device)
     records = [r for r in records if r.cpu == cpu and (cpu or r.device == here)]
-    if emulated_bf16(precision, cpu, native):  # the records' CPUs had it: this CPU's own benchmark instead
+    if emulated_bf16(precision, cpu, native):
+        own = [r for r in records if (r.model, r.data, r.precision) == (model, data, precision)
+               and ran_emulated(r) and on_machine(r, here, isa)]
+        if own:  # this machine's own bf16 records, on float32 kernels as here
+            what = f"record {own[0].key}" if len(own) == 1 else f"median of {len(own)} records"
+            return statistics.median(r.s_per_step for r in own) * steps, what + ", bf16-mixed emulated here"
+        # else the records' CPUs had it: this CPU's own benchmark instead
         cal = next((b for b in bench if any((r.model, r.data) == (model, data) for r in b.rows)), None)
         found = _from_bench(emulated, model, data, precision, steps, records, here, isa, cal)
         return (found[0], found[1] + ", bf16-mixed emulated here") if found else \
             (None, "bf16-mixed emulated here (no native bfloat16), and no benchmark of that")
-    same = [r for r in records if (r.model, r.data) == (model, data)]
+    same = [r for r in records if (r.model, r.data) == (model, data) and not ran_emulated(r)]
     tiers = [(p, d) for p in (True, False) for d in (True, False)]  # same precision first, then same machine
     for same_prec, same_dev in tiers:
         pick = [r for r in same
@@ -212,6 +218,11 @@ def _from_bench(tables: list[Bench], model: str, data: str, precision: str, step
 def emulated_bf16(precision: str, cpu: bool, native: bool | None) -> bool:
     """A bf16-mixed cell on a CPU known to lack native bfloat16."""
     return cpu and precision == BF16 and native is False
+
+
+def ran_emulated(r: Measured) -> bool:
+    """A bf16-mixed record of a CPU without native bfloat16 (on float32 kernels): it times only such CPUs."""
+    return r.cpu and r.precision == BF16 and r.isa not in (None, "mixed", *BF16_FLAGS)
 
 
 def native_here() -> bool | None:
