@@ -17,7 +17,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 
 import src.train as train_mod
 from src.config import compose_config
-from src.models.bf16 import Bf16ViaFloat32, Bf16ViaFloat32Precision
+from src.models.bf16 import HEAVY, Bf16ViaFloat32, Bf16ViaFloat32Precision
 from src.models.build import build_model
 from src.run.fingerprint import PORTABLE_ENV
 from src.runinfo import REPO
@@ -87,8 +87,7 @@ def test_the_mode_takes_every_heavy_operator_of_a_training_step_forward_and_back
 
     class Spy(torch.utils._python_dispatch.TorchDispatchMode):  # under the mode: what reaches ATen
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in {aten.convolution.default, aten.convolution_backward.default, aten.mm.default,
-                        aten.addmm.default}:
+            if func in HEAVY:
                 seen.append(f"{func.__name__}:{args[0].dtype}")
             return func(*args, **(kwargs or {}))
 

@@ -169,8 +169,8 @@ def project(model: str, data: str, steps: int, precision: str, device: str, reco
         own = [r for r in records if (r.model, r.data, r.precision) == (model, data, precision)
                and ran_emulated(r) and on_machine(r, here, isa)]
         if own:  # this machine's own bf16 records, on float32 kernels as here
-            what = f"record {own[0].key}" if len(own) == 1 else f"median of {len(own)} records"
-            return statistics.median(r.s_per_step for r in own) * steps, what + ", bf16-mixed emulated here"
+            s, what = _median(own)
+            return s * steps, what + ", bf16-mixed emulated here"
         # else the records' CPUs had it: this CPU's own benchmark instead
         cal = next((b for b in bench if any((r.model, r.data) == (model, data) for r in b.rows)), None)
         found = _from_bench(emulated, model, data, precision, steps, records, here, isa, cal)
@@ -183,8 +183,7 @@ def project(model: str, data: str, steps: int, precision: str, device: str, reco
                 if (r.precision == precision) == same_prec and on_machine(r, here, isa) == same_dev]
         if not pick:
             continue
-        s = statistics.median(r.s_per_step for r in pick)
-        what = f"record {pick[0].key}" if len(pick) == 1 else f"median of {len(pick)} records"
+        s, what = _median(pick)
         what += "" if same_dev else " on " + ", ".join(dict.fromkeys(r.where() for r in pick))
         if not same_prec:
             ratio = _precision_ratio(model, data, pick[0].precision, precision, bench)
@@ -196,6 +195,12 @@ def project(model: str, data: str, steps: int, precision: str, device: str, reco
         if found:
             return found
     return None, "no record or benchmark" if cpu else f"no record on {here}"
+
+
+def _median(records: list[Measured]) -> tuple[float, str]:
+    """The median time per step of ``records``, and where it comes from."""
+    what = f"record {records[0].key}" if len(records) == 1 else f"median of {len(records)} records"
+    return statistics.median(r.s_per_step for r in records), what
 
 
 def _from_bench(tables: list[Bench], model: str, data: str, precision: str, steps: int, records: list[Measured],
