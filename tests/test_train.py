@@ -1,7 +1,9 @@
-"""Training: composition of every cell, a smoke run that learns, resume == straight run, clear failures."""
+"""Training: composition of every cell, a smoke run that learns, resume == straight run, clear failures, no kernel
+reading memory it never wrote."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -298,3 +300,43 @@ def test_the_lightning_loop_computes_exactly_the_written_out_step(smoke, tmp_pat
         sgd_step(opt, lambda: plain.loss(dm2.train_batch(step)), sched)
     a, b = net.state_dict(), plain_net.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def deterministic_flags():
+    """Restores torch's deterministic mode and its NaN fill of new tensors after the test."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    torch.utils.deterministic.fill_uninitialized_memory = before[2]
+
+
+@pytest.mark.parametrize("model,precision", [("st_cnn", "bf16-mixed"), ("st_cnn_proj", "32-true"),
+                                             ("st_fcn_tps", "32-true"), ("cnn", "bf16-mixed")])
+def test_no_kernel_reads_memory_it_never_wrote(model, precision, deterministic_flags, smoke, tmp_path):
+    """make_trainer turns off deterministic mode's NaN fill of every new tensor (4-14 % of a CNN step): a
+    kernel reading memory it never wrote would make the filled steps differ from the unfilled ones."""
+    from src.models.bf16 import Bf16ViaFloat32
+    from src.train import make_trainer
+
+    make_trainer(cfg_for(*smoke), tmp_path / "ckpt", [], "flags")
+    assert torch.are_deterministic_algorithms_enabled() and not torch.utils.deterministic.fill_uninitialized_memory
+
+    cfg = cfg_for(f"model={model}", "data=rts", f"model.precision={precision}")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 1, int(cfg.data.canvas), int(cfg.data.canvas), generator=g)
+    y = torch.randint(0, 10, (16,), generator=g)
+    weights = []
+    for fill in (True, False):
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.manual_seed(0)
+        module = Classifier(build_model(cfg)[0], dict(cfg.optim), 10)
+        opt = module.configure_optimizers()["optimizer"]
+        bf16 = "cpu" if precision == "bf16-mixed" else None
+        with Bf16ViaFloat32() if bf16 else contextlib.nullcontext():
+            for _ in range(3):
+                sgd_step(opt, lambda: module.loss((x, y)), bf16=bf16)
+        weights.append(module.state_dict())
+    a, b = weights
+    assert all(torch.isfinite(a[k]).all() and torch.equal(a[k], b[k]) for k in a)

@@ -31,7 +31,7 @@ HEAVY = frozenset({_aten.convolution.default, _aten.convolution_backward.default
 
 
 def _up(a):
-    return a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 else a
+    return a.float() if isinstance(a, torch.Tensor) else a
 
 
 def _down(a):

@@ -307,7 +307,7 @@ def repro_stages(root: Path = REPO) -> tuple[list[dict], set[str]]:
     check_dvc_lock(root)
     try:
         with Repo(str(root)) as repo:
-            order = plan_repro(get_active_graph(repo.index.graph), collect_stages(repo, ["dvc.yaml"]))
+            order = plan_repro(get_active_graph(repo.index.graph), collect_stages(repo, [str(Path(repo.root_dir) / "dvc.yaml")]))
             status = repo.status()
             stages = [{"stage": s.addressing, "cmd": s.cmd, "changes": status.get(s.addressing, [])} for s in order]
             outs = {str(o.def_path) for s in order for o in s.outs}
@@ -466,8 +466,8 @@ def report(cells: list[Planned], others: list[str], limit_hours: float | None) -
     code = [c for c in cells if c.code_only]
     if code:
         lines.append(f"{len(code)} of these cells {'is' if len(code) == 1 else 'are'} stale only through training code "
-                     f"under src/ with src/run/fingerprint.json unchanged: if `python -m src.run.fingerprint` still matches, "
-                     f"`dvc commit -f` of their stages re-locks them without training "
+                     f"under src/ with src/run/fingerprint.json unchanged: `python -m src.run.relock` checks that the "
+                     f"fingerprint still matches and re-locks them without training "
                      f"(docs/pipeline.md \"Changing the code\").")
     if limit_hours is None:
         lines.append("python -m src.run.plan --hours N: the cells this machine finishes in N hours, and the command.")
