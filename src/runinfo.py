@@ -269,7 +269,7 @@ CPUINFO = Path("/proc/cpuinfo")
 def cpu_flags() -> list[str] | None:
     """This CPU's vector instruction sets among ``ISA_FLAGS``, widest first, as /proc/cpuinfo names them; None
     where it cannot say (not x86 Linux). Recorded with every CPU training segment: one model name ("AMD
-    EPYC") covers CPUs with native bfloat16 and CPUs without it, which run bf16-mixed on float32 kernels at about the float32 speed."""
+    EPYC") covers CPUs with native bfloat16 and CPUs that emulate it at several times the cost."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     try:

@@ -316,7 +316,7 @@ def repro_stages(root: Path = REPO) -> tuple[list[dict], set[str]]:
     return stages, outs
 
 
-def _changed(changes: list, outs: set[str]) -> tuple[bool, bool]:
+def staleness(changes: list, outs: set[str]) -> tuple[bool, bool]:
     """(will it run, is it stale through training code only): a missing dependency that a stage produces
     is regenerated, so it is no change; code-only means every change is a modified file under src/ other
     than src/run/fingerprint.json, with the record in place (``dvc commit -f`` re-locks it if the fingerprint holds)."""
@@ -386,7 +386,7 @@ def plan(root: Path = REPO) -> tuple[list[Planned], list[str]]:
     records, bench, native, isa = load_records(root / "reports"), load_bench(root), native_here(), isa_here()
     cells, others = [], []
     for s in stages:
-        runs, code_only = _changed(s["changes"], outs)
+        runs, code_only = staleness(s["changes"], outs)
         if not runs:
             continue
         if shlex.split(s["cmd"])[:len(TRAIN_CMD)] != TRAIN_CMD:

@@ -21,11 +21,11 @@ from src.runinfo import REPO, UserError, check_dvc_lock
 
 def code_only_stages(root: Path = REPO) -> list[str]:
     """The training stages (``plan.TRAIN_CMD``) that ``dvc status`` reports stale through training code only."""
-    from src.run.plan import TRAIN_CMD, _changed, repro_stages
+    from src.run.plan import TRAIN_CMD, repro_stages, staleness
 
     stages, outs = repro_stages(root)
     prefix = " ".join(TRAIN_CMD)
-    return [s["stage"] for s in stages if str(s["cmd"]).startswith(prefix) and _changed(s["changes"], outs)[1]]
+    return [s["stage"] for s in stages if str(s["cmd"]).startswith(prefix) and staleness(s["changes"], outs)[1]]
 
 
 def fingerprint_moved() -> list[str]:
@@ -42,7 +42,9 @@ def relock(names: list[str], root: Path = REPO) -> None:
     from dvc.repo import Repo, lock_repo
 
     with Repo(str(root)) as repo, lock_repo(repo):
-        stages = [info.stage for name in names for info in repo.stage.collect_granular(name)]
+        stages = [s for s in repo.index.stages if s.addressing in set(names)]  # one parse of dvc.yaml and dvc.lock
+        if missing := set(names) - {s.addressing for s in stages}:
+            raise UserError(f"no such stage: {', '.join(sorted(missing))}")
         for stage in stages:
             stage.save()
             stage.commit()
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_dvc_lock(REPO)
         names = code_only_stages(REPO)
-        print(f"{len(names)} stages stale through training code only" + (f": {', '.join(names)}" if names else ""))
+        print(f"{len(names)} stages stale through training code only" + (f": {', '.join(names)}" if a.dry and names else ""))
         if a.dry or not names:
             return
         print("checking the result fingerprint (minutes) ...", flush=True)
