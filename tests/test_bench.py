@@ -56,7 +56,7 @@ def test_bench_conv_measures_the_path_against_the_peak(tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     md = out.read_text()
-    assert "Native bfloat16:" in md and "GEMM peak" in md
+    assert "Native bfloat16:" in md and "GEMM peak" in md and "NaN fill ÷ as trained" in md
     # a bf16 step is measured against the bf16 peak only where bf16 is native; emulated, against the core's fp32 one
     assert ("bf16 % bf16 peak" if native_bf16() else "bf16 % fp32 peak") in md
     row = next(line for line in md.splitlines() if line.startswith("| R "))
