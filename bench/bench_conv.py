@@ -10,8 +10,8 @@ precision on the same thread (512² for bf16 on a CPU without native bfloat16, w
 - ``fp32`` and ``bf16-mixed``: the network as ``src.models`` builds it (channels_last, pool before
   ReLU, ``OneChannelConv2d``), in float32 and under Lightning's ``bf16-mixed`` autocast (on a CPU without
   native bfloat16, as training runs it there: on float32 kernels, ``src.models.bf16``);
-- ``bf16 NaN fill``: the ``bf16-mixed`` step under deterministic mode with its NaN fill of every new tensor,
-  against the ``bf16-mixed`` step as training runs it (deterministic mode, the fill off: src.train.make_trainer);
+- ``bf16 NaN fill``: the ``bf16-mixed`` step with deterministic mode's NaN fill of uninitialised tensors, against
+  the step as training runs it on the CPU, without the fill (src.run.callbacks.NoNanFill);
 - FLOPs per step from torch's FlopCounterMode (on the ``before`` network, forward + backward) and
   the fraction of the GEMM peak of the same precision that each step reaches (of the fp32 peak for an
   emulated bf16 step: the emulated bf16 matmul times the emulation, not what the core can do).
@@ -19,7 +19,7 @@ precision on the same thread (512² for bf16 on a CPU without native bfloat16, w
 The projection is step time × 150k steps, leaving out data, evaluation and the loop (docs/operations.md
 "How long it takes" has whole cells). Writes reports/bench/conv.md (or ``--out``).
 
-``--compile`` adds a fourth side, the ``bf16-mixed`` network with its forward under ``torch.compile`` (inductor,
+``--compile`` adds a side, the ``bf16-mixed`` network with its forward under ``torch.compile`` (inductor,
 default mode; compiled and warmed before the race), to see whether the compiler beats oneDNN's eager kernels:
 ``python bench/bench_conv.py --compile --distortions r --out reports/bench/compile.md``.
 """
@@ -110,7 +110,7 @@ def as_trained(bf16_step):
 
 def deterministic(step, fill: bool):
     """``step`` in the deterministic mode training runs in (``trainer.deterministic``), with or without its NaN
-    fill of every new tensor (training runs without: src.train.make_trainer)."""
+    fill of uninitialised tensors (a CPU run trains without: src.run.callbacks.NoNanFill)."""
     def run():
         flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                  torch.utils.deterministic.fill_uninitialized_memory)
@@ -118,7 +118,7 @@ def deterministic(step, fill: bool):
         torch.utils.deterministic.fill_uninitialized_memory = fill
         try:
             return step()
-        finally:  # the other sides run as they did
+        finally:  # the peak matmuls run outside it, as before
             torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
             torch.utils.deterministic.fill_uninitialized_memory = flags[2]
     return run
@@ -144,12 +144,13 @@ def bench(models, distortions, rounds: int, compile_: bool = False) -> tuple[pd.
             flops = step_flops(before, hw)
             heavy = flops > 20e9  # CNN on RTS and TC: a step takes seconds
             cpu = torch.device("cpu")
-            sides = {"before": step_fn(before, hw, cpu), "fp32": step_fn(net, hw, cpu),
-                     "bf16": deterministic(as_trained(step_fn(copy.deepcopy(net), hw, cpu, bf16=True)), fill=False),
-                     "bf16 fill": deterministic(as_trained(step_fn(copy.deepcopy(net), hw, cpu, bf16=True)), fill=True),
+            steps = {"before": step_fn(before, hw, cpu), "fp32": step_fn(net, hw, cpu),
+                     "bf16": as_trained(step_fn(copy.deepcopy(net), hw, cpu, bf16=True))}
+            sides = {**{k: deterministic(f, fill=False) for k, f in steps.items()},
+                     "bf16 NaN fill": deterministic(as_trained(step_fn(copy.deepcopy(net), hw, cpu, bf16=True)), True),
                      **{f"peak {p}": matmul(dtype, n_peak[p]) for p, dtype in PEAK_DTYPES.items()}}
             if compile_:
-                sides["compiled"] = step_fn(compiled(net), hw, cpu, bf16=True)
+                sides["compiled"] = deterministic(step_fn(compiled(net), hw, cpu, bf16=True), fill=False)
                 for _ in range(2):  # compile (forward and backward graphs) before the clock starts
                     sides["compiled"]()
             t = race(sides, cpu, rounds=2 if heavy else rounds, calls=1 if heavy else 3)
@@ -162,7 +163,7 @@ def bench(models, distortions, rounds: int, compile_: bool = False) -> tuple[pd.
                 "before % fp32 peak": 100 * flops / t["before"] / peak["fp32"],
                 "fp32 % fp32 peak": 100 * flops / t["fp32"] / peak["fp32"],
                 f"bf16 % {bf16_peak} peak": 100 * flops / t["bf16"] / peak[bf16_peak],
-                "bf16 × before": t["before"] / t["bf16"], "NaN fill ÷ as trained": t["bf16 fill"] / t["bf16"],
+                "bf16 × before": t["before"] / t["bf16"], "NaN fill ÷ as trained": t["bf16 NaN fill"] / t["bf16"],
                 **({"bf16 compiled (ms)": 1e3 * t["compiled"], "compiled × eager bf16": t["bf16"] / t["compiled"]}
                    if compile_ else {}),
                 "h/cell before": t["before"] * PAPER_STEPS / 3600, "h/cell fp32": t["fp32"] * PAPER_STEPS / 3600,
@@ -191,9 +192,9 @@ def report(df: pd.DataFrame, peak: dict, a: argparse.Namespace) -> str:
         + " on the same thread, so that a loaded machine slows both sides alike. `before`: the network as "
         "built before the convolution path (float32, NCHW, ReLU before max-pool, the library's input gradient "
         "for the first convolution); `fp32` / `bf16-mixed`: the network as `src.models` builds it now, in float32 "
-        "and under the `bf16-mixed` autocast of `model.precision`, in deterministic mode without its NaN fill of new "
-        "tensors, as training runs it; `NaN fill ÷ as trained`: the same step with the fill, over the step without. "
-        "FLOPs: FlopCounterMode, forward + backward."
+        "and under the `bf16-mixed` autocast of `model.precision`. Every step runs as training runs it on the CPU: "
+        "in deterministic mode, without its NaN fill of uninitialised tensors; `NaN fill ÷ as trained`: the "
+        "`bf16-mixed` step with the fill, over the step without. FLOPs: FlopCounterMode, forward + backward."
         + (" `bf16 compiled`: the `bf16-mixed` network with its forward under `torch.compile` (inductor, default "
            "mode), compiled before the race; `compiled × eager bf16` > 1 means the compiler is faster."
            if a.compile else ""), "",

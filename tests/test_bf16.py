@@ -4,11 +4,7 @@ oracle on the same operands, through the forward and the backward of a training 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,8 +15,7 @@ import src.train as train_mod
 from src.config import compose_config
 from src.models.bf16 import HEAVY, Bf16ViaFloat32, Bf16ViaFloat32Precision
 from src.models.build import build_model
-from src.run.fingerprint import PORTABLE_ENV
-from src.runinfo import REPO
+from src.run.fingerprint import FLOAT32_KERNELS, float32_kernels_hash
 
 aten = torch.ops.aten
 
@@ -121,19 +116,7 @@ def test_other_dtypes_and_operators_pass_through_untouched():
     assert mode.calls == 0
 
 
-# The hash of a few training steps of the ST-CNN on R in bf16-mixed on float32 kernels, on portable kernels
-# (src.run.fingerprint's pinning): the result fingerprint runs bf16-mixed on ATen's kernels and does not see
-# src.models.bf16, so a change to its arithmetic shows here. Moved: cells trained on float32 kernels no
-# longer match the code, and retrain.
-GOLDEN = "4d66ad796a48fc44"
-
-
 def test_the_float32_kernel_path_keeps_its_result_hash():
-    code = ("import json; from src.run.fingerprint import cell_hash, portable_here; "
-            "from src.models.bf16 import Bf16ViaFloat32; portable_here(); m = Bf16ViaFloat32(); m.__enter__(); "
-            "h = cell_hash('st_cnn', 'r'); m.__exit__(None, None, None); print(json.dumps([h, m.calls]))")
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, **PORTABLE_ENV})
-    assert r.returncode == 0, r.stderr[-2000:]
-    h, calls = json.loads(r.stdout)
-    assert calls > 0 and h == GOLDEN
+    """src.run.fingerprint's stand-in for the path (FLOAT32_KERNELS): a change to its arithmetic shows here."""
+    h, calls = float32_kernels_hash()
+    assert calls > 0 and h == FLOAT32_KERNELS[2]

@@ -455,6 +455,28 @@ def test_a_run_resumes_only_under_the_code_that_wrote_its_checkpoint(smoke, tmp_
     assert stamp["src/models/module.py"] == hashlib.sha256(module.read_bytes()).hexdigest()[:16]
 
 
+@pytest.mark.parametrize("native", [[], ["amx_bf16"]])
+def test_a_bf16_cell_on_float32_kernels_resumes_only_if_that_paths_hash_holds_too(native, tmp_path, monkeypatch):
+    """A cell trained in bf16-mixed on float32 kernels (no native bfloat16 here) resumes under changed code only
+    if FLOAT32_KERNELS' hash holds as well as its network's; with native bfloat16 the network's is enough."""
+    import torch
+
+    import src.train as train_mod
+    from src.run import fingerprint
+    from src.config import compose_config
+    from src.train import check_same_code, code_hashes
+
+    asked = []
+    monkeypatch.setattr(fingerprint, "holds", lambda cell, float32_kernels=False: asked.append((cell, float32_kernels))
+                        or True)
+    monkeypatch.setattr(train_mod, "native_bf16", lambda: native)
+    cfg, code = compose_config(["model=st_cnn", "data=r", "trainer.accelerator=cpu"]), code_hashes()
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"global_step": 5, "callbacks": {"CodeStamp": {"code": {**code, "src/models/bf16.py": "0" * 16}}}}, ckpt)
+    check_same_code(ckpt, cfg, "0-st_cnn-r", code)
+    assert asked == [("0-st_cnn-r", not native)]
+
+
 def test_a_checkpoint_without_a_code_stamp_resumes_unchecked(tmp_path, caplog, monkeypatch):
     """Checkpoints written before they carried their code (runs in progress today) still resume, saying so;
     the same code needs no fingerprint."""
@@ -466,7 +488,7 @@ def test_a_checkpoint_without_a_code_stamp_resumes_unchecked(tmp_path, caplog, m
     from src.config import compose_config
     from src.train import check_same_code, code_hashes
 
-    monkeypatch.setattr(fingerprint, "holds", lambda cell: pytest.fail("no fingerprint needed"))
+    monkeypatch.setattr(fingerprint, "holds", lambda *a, **k: pytest.fail("no fingerprint needed"))
     cfg, code = compose_config(["model=fcn"]), code_hashes()
     assert "src/models/module.py" in code and "src/train.py" in code and not any(f.startswith("data/") for f in code)
     old, same = tmp_path / "old.ckpt", tmp_path / "same.ckpt"

@@ -1,6 +1,6 @@
 """Lightning callbacks of a cell run: its learning curve, its progress lines, the time and commit of
-every segment of a resumed run, the guard against a diverging run, the code stamp of every checkpoint
-and the stop on a signal.
+every segment of a resumed run, the guard against a diverging run, the code stamp of every checkpoint,
+the stop on a signal and deterministic mode without its NaN fill on the CPU.
 
 Every callback with state keeps it in the checkpoint (plain Python values), so a resumed run
 continues its curve, its segment list and its guard exactly where the interrupted one stopped.
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 
 from src.models.bf16 import Bf16ViaFloat32Precision
 from src.runinfo import UserError, cpu_flags, device_name, git_commit
@@ -113,6 +114,22 @@ class ProgressLog(pl.Callback):
         err = float(trainer.callback_metrics["val/err"])
         log.info(f"[{self.label}] step {step}/{self.max_steps}  val err {err:.2f} %  {rate:.0f} it/s  "
                  f"eta {eta / 60:.1f} min")
+
+
+class NoNanFill(pl.Callback):
+    """Deterministic mode (``trainer.deterministic``) also fills every uninitialised tensor (``torch.empty`` and
+    kin) with NaN, integers with their maximum: a guard against kernels that read memory they never wrote, at
+    4-14 % of a CNN-family step on the CPU (reports/bench/conv_no_native_bf16.md). No CPU kernel of ours reads
+    such memory (tests/test_train.py trains and evaluates every network bit-identically with and without the
+    fill), so a CPU run turns the fill off for its fit and test and restores it after; a GPU run keeps it."""
+
+    def setup(self, trainer, pl_module, stage):
+        self.was = torch.utils.deterministic.fill_uninitialized_memory
+        if isinstance(trainer.accelerator, pl.accelerators.CPUAccelerator):
+            torch.utils.deterministic.fill_uninitialized_memory = False
+
+    def teardown(self, trainer, pl_module, stage):
+        torch.utils.deterministic.fill_uninitialized_memory = self.was
 
 
 class Segments(pl.Callback):

@@ -319,7 +319,8 @@ def repro_stages(root: Path = REPO) -> tuple[list[dict], set[str]]:
 def staleness(changes: list, outs: set[str]) -> tuple[bool, bool]:
     """(will it run, is it stale through training code only): a missing dependency that a stage produces
     is regenerated, so it is no change; code-only means every change is a modified file under src/ other
-    than src/run/fingerprint.json, with the record in place (``dvc commit -f`` re-locks it if the fingerprint holds)."""
+    than src/run/fingerprint.json, with the record in place (``python -m src.run.relock`` re-locks it if the fingerprint
+    holds)."""
     rest, code_only = [], True
     for entry in changes:
         if not isinstance(entry, dict):
