@@ -193,6 +193,12 @@ def float32_kernels_hash() -> tuple[str, int]:
     return h, calls
 
 
+def moved(hashes: dict[str, str]) -> list[str]:
+    """The cells whose hash in ``hashes`` is not the committed one (either side missing counts)."""
+    committed = json.loads(FILE.read_text()) if FILE.is_file() else {}
+    return sorted(k for k in committed.keys() | hashes.keys() if hashes.get(k) != committed.get(k))
+
+
 def float32_kernels_hold() -> bool:
     """Whether this tree computes FLOAT32_KERNELS' hash, through the float32-kernel path."""
     h, calls = float32_kernels_hash()
@@ -233,10 +239,9 @@ def main() -> None:
         FILE.write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n")
         print(f"fingerprint: {len(hashes)} hashes -> {FILE}")
         return
-    committed = json.loads(FILE.read_text()) if FILE.is_file() else {}
-    moved = sorted(k for k in hashes if committed.get(k) != hashes[k])
-    print("fingerprint: unchanged" if not moved else f"fingerprint: {len(moved)} changed: {', '.join(moved)}")
-    sys.exit(1 if moved else 0)
+    changed = moved(hashes)
+    print("fingerprint: unchanged" if not changed else f"fingerprint: {len(changed)} changed: {', '.join(changed)}")
+    sys.exit(1 if changed else 0)
 
 
 if __name__ == "__main__":

@@ -307,7 +307,8 @@ def repro_stages(root: Path = REPO) -> tuple[list[dict], set[str]]:
     check_dvc_lock(root)
     try:
         with Repo(str(root)) as repo:
-            order = plan_repro(get_active_graph(repo.index.graph), collect_stages(repo, [str(Path(repo.root_dir) / "dvc.yaml")]))
+            pipeline = str(Path(repo.root_dir) / "dvc.yaml")  # the root's, wherever the process runs
+            order = plan_repro(get_active_graph(repo.index.graph), collect_stages(repo, [pipeline]))
             status = repo.status()
             stages = [{"stage": s.addressing, "cmd": s.cmd, "changes": status.get(s.addressing, [])} for s in order]
             outs = {str(o.def_path) for s in order for o in s.outs}

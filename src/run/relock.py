@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import os
 import shlex
 import sys
@@ -25,7 +24,7 @@ from collections.abc import Iterator
 from itertools import groupby
 from pathlib import Path
 
-from src.runinfo import REPO, UserError, check_dvc_lock
+from src.runinfo import REPO, UserError
 
 
 @contextlib.contextmanager
@@ -61,12 +60,9 @@ def source_state(root: Path = REPO) -> str:
 def fingerprint_moved() -> list[str]:
     """The cells whose fingerprint this tree no longer computes (empty: every result holds), the float32-kernel
     path's included."""
-    from src.run.fingerprint import FILE, float32_kernels_hold, pinned
+    from src.run.fingerprint import float32_kernels_hold, moved, pinned
 
-    committed = json.loads(FILE.read_text())
-    now = pinned()
-    moved = sorted(k for k in committed.keys() | now.keys() if now.get(k) != committed.get(k))
-    return moved + ([] if float32_kernels_hold() else ["bf16-mixed on float32 kernels"])
+    return moved(pinned()) + ([] if float32_kernels_hold() else ["bf16-mixed on float32 kernels"])
 
 
 def relock(names: list[str], root: Path = REPO, source: str | None = None) -> None:
@@ -103,8 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dry", action="store_true", help="name the stages, check and change nothing")
     a = ap.parse_args(argv)
     try:
-        check_dvc_lock(REPO)
-        names = code_only_stages(REPO)
+        names = code_only_stages(REPO)  # plan.repro_stages checks dvc.lock first
         print(f"{len(names)} stages stale through training code only"
               + (f": {', '.join(names)}" if a.dry and names else ""))
         if a.dry or not names:
