@@ -3,6 +3,7 @@ channels_last, and bf16-mixed with the transformer and the training data in floa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -70,6 +71,23 @@ def test_one_channel_conv_under_bf16_autocast_matches_autocast_nn_conv2d():
     assert xa.grad.dtype == ours.weight.grad.dtype == torch.float32  # gradients in the leaves' dtype
     torch.testing.assert_close(xa.grad, xb.grad, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=2e-2, atol=0.5)
+
+
+@pytest.mark.parametrize("mode", [contextlib.nullcontext, Bf16ViaFloat32])
+def test_one_channel_input_gradient_is_one_bf16_gemm_then_col2im_under_autocast(mode):
+    """Under bf16 autocast the input gradient is wᵀ·g with both operands in bfloat16, rounded once, then a
+    bfloat16 col2im: bit for bit what autocast makes of the float32 formula (the trained cells' arithmetic)."""
+    ours, _ = _conv_pair(k=9, c_out=32, dtype=torch.float32)
+    ours = ours.to(memory_format=torch.channels_last)
+    x = torch.rand(16, 1, 28, 28, requires_grad=True)
+    g = torch.randn(16, 32, 20, 20).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16), mode():
+        ours(x).backward(g)
+        with torch.no_grad():  # as a backward runs
+            w = ours.weight.to(torch.bfloat16).float().reshape(32, 81)
+            cols = (w.t() @ g.to(torch.float32, memory_format=torch.contiguous_format).view(16, 32, -1)).contiguous()
+            expected = F.fold(cols, (28, 28), (9, 9))
+    assert expected.dtype == torch.bfloat16 and torch.equal(x.grad, expected.float())
 
 
 def test_without_an_input_gradient_it_is_nn_conv2d():

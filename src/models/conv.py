@@ -31,9 +31,14 @@ class _OneChannelConv(torch.autograd.Function):
         c_out, _, kh, kw = weight.shape
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            b = g.shape[0]
-            g_rows = g.to(torch.float32, memory_format=torch.contiguous_format).view(b, c_out, -1)
-            cols = (weight.float().reshape(c_out, kh * kw).t() @ g_rows).contiguous()  # (B, k·k, H'W') for col2im
+            b, device = g.shape[0], g.device.type
+            # The GEMM's operands go straight to the dtype it multiplies in (autocast's, else float32): the
+            # values and layouts they would have through float32 first, without two casts of the whole gradient.
+            # The weight is copied, as a cast copies it: the saved one requires grad, which makes matmul fold.
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+            g_rows = g.to(dtype, memory_format=torch.contiguous_format).view(b, c_out, -1)
+            w_rows = weight.to(dtype, copy=True).reshape(c_out, kh * kw)
+            cols = (w_rows.t() @ g_rows).contiguous()  # (B, k·k, H'W') for col2im
             grad_x = F.fold(cols, x.shape[-2:], (kh, kw)).to(x.dtype)
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             _, grad_w, grad_b = torch.ops.aten.convolution_backward(

@@ -119,9 +119,10 @@ class ProgressLog(pl.Callback):
 class NoNanFill(pl.Callback):
     """Deterministic mode (``trainer.deterministic``) also fills every uninitialised tensor (``torch.empty`` and
     kin) with NaN, integers with their maximum: a guard against kernels that read memory they never wrote, at
-    about 5 % of a CNN-family step on the CPU (the median network of reports/bench/conv_no_native_bf16.md). No CPU kernel of ours reads
-    such memory (tests/test_train.py trains and evaluates every network bit-identically with and without the
-    fill), so a CPU run turns the fill off for its fit and test and restores it after; a GPU run keeps it."""
+    about 5 % of a CNN-family step on the CPU (the median network of reports/bench/conv_no_native_bf16.md).
+    No CPU kernel of ours reads such memory (tests/test_train.py trains and evaluates every network
+    bit-identically with and without the fill), so a CPU run turns the fill off for its fit and test and
+    restores it after; a GPU run keeps it."""
 
     def setup(self, trainer, pl_module, stage):
         self.was = torch.utils.deterministic.fill_uninitialized_memory
