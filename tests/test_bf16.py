@@ -105,6 +105,21 @@ def test_a_cpu_without_native_bf16_trains_bf16_mixed_on_float32_kernels(monkeypa
     assert not isinstance(plugin(), MixedPrecision)
 
 
+def test_the_backward_takes_the_steps_mode_inside_it_and_its_own_outside(monkeypatch):
+    """Manual optimisation (ours) runs the backward inside the step's context, whose mode serves it (a second one
+    would only add a Python dispatch to every operator); automatic optimisation runs it outside, with its own."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    depth = []
+    monkeypatch.setattr(MixedPrecision, "backward", lambda self, *a, **k: depth.append(
+        sum(isinstance(m, Bf16ViaFloat32) for m in _get_current_dispatch_mode_stack())))
+    plugin = Bf16ViaFloat32Precision()
+    with plugin.forward_context():
+        plugin.backward(None, None, None)
+    plugin.backward(None, None, None)
+    assert depth == [1, 1]
+
+
 def test_other_dtypes_and_operators_pass_through_untouched():
     a, b = torch.randn(8, 5, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     with Bf16ViaFloat32() as mode:

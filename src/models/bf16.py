@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 
 _aten = torch.ops.aten
 HEAVY = frozenset({_aten.convolution.default, _aten.convolution_backward.default, _aten.mm.default,
@@ -69,7 +69,9 @@ class Bf16ViaFloat32Precision(MixedPrecision):
             yield
 
     def backward(self, *args, **kwargs):
-        """Lightning's automatic optimisation calls the backward outside the step's context (manual
-        optimisation, ours, calls it inside, where a second mode only passes float32 on)."""
-        with Bf16ViaFloat32():
+        """Lightning's automatic optimisation calls the backward outside the step's context, so it gets a mode of
+        its own; manual optimisation, ours, calls it inside, where a second mode would only add a Python
+        dispatch to every operator (a few per cent of a step)."""
+        inside = any(isinstance(m, Bf16ViaFloat32) for m in _get_current_dispatch_mode_stack())
+        with contextlib.nullcontext() if inside else Bf16ViaFloat32():
             return super().backward(*args, **kwargs)
