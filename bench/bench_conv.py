@@ -21,7 +21,9 @@ The projection is step time × 150k steps, leaving out data, evaluation and the 
 
 ``--compile`` adds a side, the ``bf16-mixed`` network with its forward under ``torch.compile`` (inductor,
 default mode; compiled and warmed before the race), to see whether the compiler beats oneDNN's eager kernels:
-``python bench/bench_conv.py --compile --distortions r --out reports/bench/compile.md``.
+``python bench/bench_conv.py --compile --distortions r --out reports/bench/compile.md``. It needs native
+bfloat16: without it the eager side runs on float32 kernels through a dispatch mode that the compiler does not
+trace, and a compiled side would time ATen's slow bfloat16 kernels instead, no like-for-like race.
 """
 
 from __future__ import annotations
@@ -220,6 +222,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="add the bf16-mixed network under torch.compile")
     p.add_argument("--out", default=str(REPO / "reports/bench/conv.md"))
     a = p.parse_args()
+    if a.compile and not native_bf16():
+        sys.exit("error: --compile needs a CPU with native bfloat16 (AMX or AVX512-BF16 in /proc/cpuinfo): "
+                 "here bf16-mixed runs on float32 kernels, which torch.compile does not take over")
     torch.manual_seed(0)
     df, peak = bench(a.models, a.distortions, a.rounds, a.compile)
     write_atomic(Path(a.out), report(df, peak, a))

@@ -65,7 +65,18 @@ def test_bench_conv_measures_the_path_against_the_peak(tmp_path):
     assert all(float(c) > 0 for c in cells[3:])
 
 
+@pytest.mark.skipif(bool(native_bf16()), reason="this CPU has native bfloat16")
+def test_bench_conv_compile_without_native_bf16_is_one_line(tmp_path):
+    out = tmp_path / "compile.md"
+    r = subprocess.run([sys.executable, "bench/bench_conv.py", "--compile", "--out", str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "native bfloat16" in r.stderr
+    assert not out.exists()
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not native_bf16(), reason="--compile needs native bfloat16")
 @pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile needs a C++ compiler")
 def test_bench_conv_compile_races_the_compiled_network(tmp_path):
     """``--compile`` adds the compiled bf16-mixed network beside its eager twin: both real, positive timings."""
