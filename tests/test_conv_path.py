@@ -18,7 +18,7 @@ from src.data.datamodule import DistortedMNIST
 from src.run.fingerprint import synthetic_digits
 from src.models.bf16 import Bf16ViaFloat32
 from src.models.build import build_model
-from src.models.conv import OneChannelConv2d, _OneChannelConv
+from src.models.conv import OneChannelConv2d, _OneChannelConv, col2im
 from src.runinfo import REPO
 from src.train import train
 
@@ -71,6 +71,17 @@ def test_one_channel_conv_under_bf16_autocast_matches_autocast_nn_conv2d():
     assert xa.grad.dtype == ours.weight.grad.dtype == torch.float32  # gradients in the leaves' dtype
     torch.testing.assert_close(xa.grad, xb.grad, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=2e-2, atol=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize(("b", "size", "k"), [(256, (28, 28), (9, 9)), (7, (20, 17), (5, 3)), (1, (6, 6), (1, 1))])
+def test_col2im_is_atens_fold_bit_for_bit(dtype, b, size, k):
+    """The same additions in the same order as ATen's CPU col2im, each rounded in the tensor's dtype."""
+    g = torch.Generator().manual_seed(0)
+    n = (size[0] - k[0] + 1) * (size[1] - k[1] + 1)
+    cols = (torch.randn(b, k[0] * k[1], n, generator=g) * torch.rand(b, 1, n, generator=g) * 50).to(dtype)
+    ours, ref = col2im(cols, size, *k), F.fold(cols, size, k)
+    assert ours.dtype == dtype and ours.shape == ref.shape and ours.is_contiguous() and torch.equal(ours, ref)
 
 
 @pytest.mark.parametrize("mode", [contextlib.nullcontext, Bf16ViaFloat32])

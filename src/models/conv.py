@@ -3,8 +3,8 @@ layer, fed by the transformer's output).
 
 oneDNN's and ATen's backward-data for one input channel run at a fraction of their forward rate
 (about 3× the forward's time at batch 256 on our CPUs, bench/bench_conv.py). With one input
-channel, the input gradient is one GEMM, wᵀ·g → (B, k·k, HW), and a col2im (``F.fold``) that
-sums the k·k shifted copies: the same sums in another order. The weight and bias gradients and the
+channel, the input gradient is one GEMM, wᵀ·g → (B, k·k, HW), and a col2im (``F.fold``'s additions,
+vectorised on the CPU: :func:`col2im`) that sums the k·k shifted copies: the same sums in another order. The weight and bias gradients and the
 forward stay the library's own. Under bf16-mixed the backward runs in the autocast it was called in:
 the GEMM's operands are cast to bfloat16 and the col2im sums the k·k copies in bfloat16, a coarser
 sum than a native kernel's float32 one, the same on every CPU (the paired check of
@@ -16,6 +16,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def col2im(cols: torch.Tensor, size, kh: int, kw: int) -> torch.Tensor:
+    """``F.fold(cols, size, (kh, kw))`` of one channel, stride 1, no padding: (B, kh·kw, h'·w') → (B, 1, H, W).
+
+    ATen's CPU col2im adds the kh·kw shifted copies into each image one after another, in the tensor's dtype
+    (each sum rounded, in bfloat16 too), pixel by pixel. Here the same additions in the same order, as kh·kw
+    slice-adds over the whole batch with the batch innermost, where they vectorise: about half the time at
+    28 px and batch 256 (bit for bit the same, tests/test_conv_path.py). Elsewhere (CUDA sums each pixel in
+    float32 once) it is ``F.fold``."""
+    if cols.device.type != "cpu":
+        return F.fold(cols, size, (kh, kw))
+    (height, width), b = size, cols.shape[0]
+    h, w = height - kh + 1, width - kw + 1
+    shifted = cols.view(b, kh, kw, h, w).permute(1, 2, 3, 4, 0).contiguous()  # (kh, kw, h', w', B)
+    im = cols.new_zeros(height, width, b)
+    for i in range(kh):
+        for j in range(kw):
+            im[i:i + h, j:j + w] += shifted[i, j]
+    return im.permute(2, 0, 1).unsqueeze(1).contiguous()
 
 
 class _OneChannelConv(torch.autograd.Function):
@@ -39,7 +59,7 @@ class _OneChannelConv(torch.autograd.Function):
             g_rows = g.to(dtype, memory_format=torch.contiguous_format).view(b, c_out, -1)
             w_rows = weight.to(dtype, copy=True).reshape(c_out, kh * kw)
             cols = (w_rows.t() @ g_rows).contiguous()  # (B, k·k, H'W') for col2im
-            grad_x = F.fold(cols, x.shape[-2:], (kh, kw)).to(x.dtype)
+            grad_x = col2im(cols, x.shape[-2:], kh, kw).to(x.dtype)
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             _, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 g, x.to(g.dtype), weight.to(g.dtype), [c_out] if ctx.has_bias else None,
