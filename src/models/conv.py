@@ -4,11 +4,11 @@ layer, fed by the transformer's output).
 oneDNN's and ATen's backward-data for one input channel run at a fraction of their forward rate
 (about 3× the forward's time at batch 256 on our CPUs, bench/bench_conv.py). With one input
 channel, the input gradient is one GEMM, wᵀ·g → (B, k·k, HW), and a col2im (``F.fold``'s additions,
-vectorised on the CPU: :func:`col2im`) that sums the k·k shifted copies: the same sums in another order. The weight and bias gradients and the
-forward stay the library's own. Under bf16-mixed the backward runs in the autocast it was called in:
-the GEMM's operands are cast to bfloat16 and the col2im sums the k·k copies in bfloat16, a coarser
-sum than a native kernel's float32 one, the same on every CPU (the paired check of
-reports/decisions.md covers the path as it is).
+vectorised on the CPU: :func:`col2im`) that sums the k·k shifted copies: the same sums in another
+order. The weight and bias gradients and the forward stay the library's own. Under bf16-mixed the
+backward runs in the autocast it was called in: the GEMM's operands are cast to bfloat16 and the
+col2im sums the k·k copies in bfloat16, a coarser sum than a native kernel's float32 one, the same
+on every CPU (the paired check of reports/decisions.md covers the path as it is).
 """
 
 from __future__ import annotations
