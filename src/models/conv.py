@@ -38,6 +38,11 @@ def col2im(cols: torch.Tensor, size, kh: int, kw: int) -> torch.Tensor:
     return im.permute(2, 0, 1).unsqueeze(1).contiguous()
 
 
+def _autocast_dtype(device: str) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device``; None where it is off."""
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 class _OneChannelConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -55,7 +60,7 @@ class _OneChannelConv(torch.autograd.Function):
             # The GEMM's operands go straight to the dtype it multiplies in (autocast's, else float32): the
             # values and layouts they would have through float32 first, without two casts of the whole gradient.
             # The weight is copied, as a cast copies it: the saved one requires grad, which makes matmul fold.
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+            dtype = _autocast_dtype(device) or torch.float32
             g_rows = g.to(dtype, memory_format=torch.contiguous_format).view(b, c_out, -1)
             w_rows = weight.to(dtype, copy=True).reshape(c_out, kh * kw)
             cols = (w_rows.t() @ g_rows).contiguous()  # (B, k·k, H'W') for col2im
@@ -78,8 +83,7 @@ class OneChannelConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (x.requires_grad and torch.is_grad_enabled()):
             return super().forward(x)
-        if torch.is_autocast_enabled(x.device.type):  # cast as autocast would, then run the Function outside it
-            dtype = torch.get_autocast_dtype(x.device.type)
+        if (dtype := _autocast_dtype(x.device.type)) is not None:  # cast as autocast would, then run outside it
             with torch.autocast(x.device.type, enabled=False):
                 bias = None if self.bias is None else self.bias.to(dtype)
                 return _OneChannelConv.apply(x.to(dtype), self.weight.to(dtype), bias)
