@@ -287,9 +287,6 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     quiet_lightning(cfg.quiet)
     from src.run.plan import start_line  # logging only (cell, steps, device, precision, projected time): no result depends on it
 
-    log.info(start_line(cfg, label))
-    if note := emulated_bf16(cfg):
-        print(note, file=sys.stderr)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     net, budget = build_model(cfg)
     module = Classifier(net, OmegaConf.to_container(cfg.optim, resolve=True), cfg.trainer.max_steps)
@@ -300,9 +297,13 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     fingerprint, ckpt_dir, code = run_fingerprint(cfg), checkpoint_dir(cfg), code_hashes()
     with cell_lock(run_dir, label):
         resume_from = resume_point(ckpt_dir) if cfg.resume else None
+        done = _readable_step(resume_from) if resume_from is not None else 0
+        log.info(start_line(cfg, label, done))
+        if note := emulated_bf16(cfg):
+            print(note, file=sys.stderr)
         if resume_from is not None:
             check_same_code(resume_from, cfg, label, code)
-            log.info(f"resuming {label} from step {_readable_step(resume_from)} ({resume_from})")
+            log.info(f"resuming {label} from step {done} ({resume_from})")
         write_atomic(ckpt_dir.parent / "fingerprint.txt", fingerprint + "\n")
         curve, segments = CurveRecorder(), Segments()
         milestones = module.milestones()

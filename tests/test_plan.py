@@ -258,8 +258,17 @@ def test_a_cell_says_at_once_what_it_trains_and_where_it_resumes(smoke, caplog):
     caplog.clear()
     train(compose_config(smoke))
     resume = [m for m in caplog.messages if m.startswith("resuming")]
-    assert caplog.messages[0].startswith("0-fcn-r: 40 steps on ")
+    assert re.fullmatch(r"0-fcn-r: 40 steps on .+, precision 32-true, 20 left from step 20, projected .+",
+                        caplog.messages[0]), caplog.messages[0]  # the time it has left, not the whole cell's
     assert len(resume) == 1 and re.fullmatch(r"resuming 0-fcn-r from step 20 \(.+/checkpoints/last\.ckpt\)", resume[0])
+
+
+def test_a_resumed_cell_projects_only_the_steps_it_has_left(smoke, monkeypatch):
+    monkeypatch.setattr(plan_mod, "project", lambda model, data, steps, *a: (60.0 * steps, "a minute a step"))
+    cfg = compose_config(smoke)
+    assert plan_mod.start_line(cfg, "0-fcn-r").endswith(", precision 32-true, projected 40 min")
+    assert plan_mod.start_line(cfg, "0-fcn-r", done=30).endswith(
+        ", precision 32-true, 10 left from step 30, projected 10 min")
 
 
 def test_the_start_and_resume_lines_reach_the_terminal_and_train_log(smoke, tmp_path):

@@ -282,17 +282,20 @@ def hours(seconds: float | None) -> str:
     return f"{seconds / 60:.0f} min" if h < 1 else f"{h:.1f} h" if h < 48 else f"{h:.0f} h ({h / 24:.0f} days)"
 
 
-def start_line(cfg, label: str) -> str:
-    """A cell's first line: ``<cell>: <steps> steps on <device>, precision <p>, projected <time>``."""
+def start_line(cfg, label: str, done: int = 0) -> str:
+    """A cell's first line: ``<cell>: <steps> steps on <device>, precision <p>, projected <time>``; a run
+    resuming at step ``done`` projects only the steps it has left (``..., <left> left from step <done>, ...``)."""
     steps, precision = int(cfg.trainer.max_steps), str(cfg.model.precision)
+    left = max(steps - done, 0)
     device, seconds = str(cfg.trainer.accelerator), None
     try:
         device, cpu = run_device(cfg.trainer.accelerator)
-        seconds, _ = project(str(cfg.model.name), str(cfg.data.name), steps, precision, device,
+        seconds, _ = project(str(cfg.model.name), str(cfg.data.name), left, precision, device,
                              load_records(REPO / "reports"), load_bench(REPO), cpu, native_here(), isa_here())
     except Exception:  # noqa: BLE001 - a projection never stops a run
         pass
-    return f"{label}: {steps} steps on {device}, precision {precision}, projected {hours(seconds)}"
+    rest = f"{left} left from step {done}, " if done else ""
+    return f"{label}: {steps} steps on {device}, precision {precision}, {rest}projected {hours(seconds)}"
 
 
 # ------------------------------------------------------------------ the cells dvc repro would train
