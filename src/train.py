@@ -133,27 +133,37 @@ def cell_lock(run_dir: Path, label: str):
         f.close()
 
 
-def _readable_step(path: Path) -> int | None:
+def checkpoint_step(path: Path) -> int | None:
+    """A checkpoint's step; None where it is missing, truncated, corrupt or foreign (not resumable)."""
     try:
         return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
     except Exception:  # noqa: BLE001 - truncated, corrupt or foreign: not resumable
         return None
 
 
-def resume_point(ckpt_dir: Path) -> Path | None:
-    """The checkpoint to resume from: ``last.ckpt``, or ``best.ckpt`` (announced) when the last one is
-    unreadable; None for a fresh start. Both unreadable: one line saying what to do."""
+def resume_point(ckpt_dir: Path) -> tuple[Path | None, int]:
+    """The checkpoint to resume from and its step: ``last.ckpt``, or ``best.ckpt`` when the last one is
+    unreadable; (None, 0) for a fresh start. Both unreadable: one line saying what to do."""
     last, best = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
     if not last.exists():
-        return None
-    if _readable_step(last) is not None:
-        return last
-    step = _readable_step(best) if best.exists() else None
-    if step is None:
-        raise UserError(f"checkpoint {last} is unreadable and there is no readable best.ckpt beside it; "
-                        f"delete {ckpt_dir} to train this cell from the start, or pass resume=false")
-    print(f"warning: {last} is unreadable; resuming from {best} (step {step}) instead", file=sys.stderr)
-    return best
+        return None, 0
+    for path in (last, best):
+        if (step := checkpoint_step(path)) is not None:
+            return path, step
+    raise UserError(f"checkpoint {last} is unreadable and there is no readable best.ckpt beside it; "
+                    f"delete {ckpt_dir} to train this cell from the start, or pass resume=false")
+
+
+def resumes_at(args: list[str], root: Path = REPO) -> int:
+    """The step ``python -m src.train <args>``, run in ``root``, would resume from (0: from the start), so
+    that a projection counts only the steps a cell has left (src.run.plan, src.ops.window)."""
+    cfg = compose_config(args)
+    if not cfg.resume:
+        return 0
+    try:
+        return resume_point(root / checkpoint_dir(cfg))[1]
+    except UserError:
+        return 0
 
 
 class CodeChanged(UserError):
@@ -296,9 +306,11 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     run_dir = Path(cfg.paths.run_dir)
     fingerprint, ckpt_dir, code = run_fingerprint(cfg), checkpoint_dir(cfg), code_hashes()
     with cell_lock(run_dir, label):
-        resume_from = resume_point(ckpt_dir) if cfg.resume else None
-        done = _readable_step(resume_from) if resume_from is not None else 0
+        resume_from, done = resume_point(ckpt_dir) if cfg.resume else (None, 0)
         log.info(start_line(cfg, label, done))
+        if resume_from is not None and resume_from.name == "best.ckpt":
+            print(f"warning: {ckpt_dir / 'last.ckpt'} is unreadable; resuming from {resume_from} (step {done}) "
+                  f"instead", file=sys.stderr)
         if note := emulated_bf16(cfg):
             print(note, file=sys.stderr)
         if resume_from is not None:

@@ -103,6 +103,26 @@ def test_the_plan_lists_the_stale_cells_in_dvc_repros_order_each_projected_with_
     assert "1 of these cells is stale only through training code" in text
 
 
+def test_an_interrupted_cell_is_projected_for_the_steps_it_has_left(repo):
+    import torch
+
+    from src.train import checkpoint_dir
+
+    args = cmd("fcn", "e", 0).split()[3:]
+    ckpts = repo / checkpoint_dir(compose_config(args))
+    ckpts.mkdir(parents=True)
+    torch.save({"global_step": 100_000}, ckpts / "last.ckpt")
+    c = {c.stage: c for c in plan(repo)[0]}
+    assert c["train@0-fcn-e"].done == 100_000 and c["train@0-fcn-e"].seconds == pytest.approx(1000 / 3)
+    assert c["train@1-fcn-e"].done == 0  # another seed: another run directory's fingerprint
+    assert "50000 of 150000 steps" in "\n".join(report(list(c.values()), [], None)[0])
+    (ckpts / "last.ckpt").write_bytes(b"truncated")  # src.train resumes from best.ckpt then: so does the plan
+    torch.save({"global_step": 90_000}, ckpts / "best.ckpt")
+    assert {c.stage: c.done for c in plan(repo)[0]}["train@0-fcn-e"] == 90_000
+    (ckpts / "best.ckpt").write_bytes(b"")  # nothing readable: src.train refuses to guess, the plan says all of it
+    assert {c.stage: c.done for c in plan(repo)[0]}["train@0-fcn-e"] == 0
+
+
 def test_hours_picks_the_cheapest_cells_that_fit_and_the_command_that_trains_exactly_them(repo):
     cells, others = plan(repo)
     assert [c.stage for c in fit(cells, 0.6)] == ["train@0-fcn-e", "train@1-fcn-e"]

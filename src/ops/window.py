@@ -127,18 +127,16 @@ def arg_value(args: list[str], key: str) -> str:
 def checkpoint_dir(args: list[str], root: Path) -> Path:
     """``<run_dir>/<fingerprint12>/checkpoints`` of this exact command: the one ``src.train`` resumes from."""
     from src.config import compose_config
-    from src.train import run_fingerprint
+    from src.train import checkpoint_dir as of_config
 
-    return root / arg_value(args, "paths.run_dir") / run_fingerprint(compose_config(args))[:12] / "checkpoints"
+    return root / of_config(compose_config(args))
 
 
-def checkpoint_step(path: Path) -> int | None:
-    import torch
+def last_step(ckpt_dir: Path) -> int | None:
+    """The step of a cell's ``last.ckpt``: where it stopped; None where there is none it can read."""
+    from src.train import checkpoint_step
 
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
-    except Exception:  # noqa: BLE001 - missing or unreadable: nothing to resume
-        return None
+    return checkpoint_step(ckpt_dir / "last.ckpt")
 
 
 def record_paths(args: list[str]) -> list[str]:
@@ -172,7 +170,7 @@ class Window:
 
     def start(self, name: str, env: dict) -> tuple[subprocess.Popen, float, object, object]:
         o = self.out[name]
-        o.from_step = checkpoint_step(self.ckpt[name] / "last.ckpt") or 0
+        o.from_step = last_step(self.ckpt[name]) or 0
         (self.logs / "cells").mkdir(parents=True, exist_ok=True)
         fo = open(self.logs / "cells" / f"{name}.out", "a")
         fe = open(self.logs / "cells" / f"{name}.err", "a")
@@ -196,11 +194,11 @@ class Window:
         elif m:
             o.status, o.step, o.message = "stopped", int(m.group(2)), last
         elif rc == -signal.SIGTERM and not killed:  # before its handler was in place: nothing but start-up lost
-            o.status, o.step = "stopped", checkpoint_step(self.ckpt[name] / "last.ckpt")
+            o.status, o.step = "stopped", last_step(self.ckpt[name])
             o.message = "stopped by SIGTERM before training started"
         else:
             o.status = "killed" if killed or rc == -signal.SIGKILL else "failed"
-            o.step = checkpoint_step(self.ckpt[name] / "last.ckpt")
+            o.step = last_step(self.ckpt[name])
             o.message = last or f"exit {rc}"
         if o.step is not None and o.step > o.from_step and o.seconds > 0:
             o.s_per_step = round(o.seconds / (o.step - o.from_step), 6)
@@ -478,6 +476,7 @@ def plan(a: argparse.Namespace, cells: list[Cell], root: Path) -> dict:
     import yaml
 
     from src.config import compose_config
+    from src.train import resumes_at
 
     per_step = {}
     if a.plan and (root / a.plan).is_file():
@@ -487,7 +486,7 @@ def plan(a: argparse.Namespace, cells: list[Cell], root: Path) -> dict:
     rows = []
     for c in cells:
         args = cell_args(c, a.profile, a.device == "cuda", a.set)
-        done = checkpoint_step(checkpoint_dir(args, root) / "last.ckpt") or 0
+        done = resumes_at(args, root)
         left = max_steps - done
         if (c.model, c.data) in per_step:
             minutes = per_step[(c.model, c.data)] * left * a.contention / 60

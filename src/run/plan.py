@@ -17,7 +17,8 @@ reports/benchmarks.md), calibrated by the records that both have; else it is unk
 on a CPU without native bfloat16 (no AMX or AVX512-BF16) runs emulated on float32 kernels, slower
 than the records and the benchmark of a CPU with it: its time is the step of a benchmark table made on such a CPU (its header
 says "Native bfloat16: none"), calibrated by the records as the other tables are, else unknown. Each number
-says where it came from. A cell projected beyond ``REACH_HOURS`` on a CPU is marked: train it on a
+says where it came from. A cell whose run was interrupted counts only the steps it has left (``src.train``
+resumes it from its checkpoint). A cell projected beyond ``REACH_HOURS`` on a CPU is marked: train it on a
 GPU (docs/operations.md "GPU window") or on a cluster (docs/operations.md "A cluster").
 """
 
@@ -355,6 +356,7 @@ class Planned:
     source: str = ""
     code_only: bool = False
     emulated: bool = False  # bf16-mixed on a CPU without native bfloat16
+    done: int = 0  # the step an interrupted run of it resumes from: only the rest is projected
 
     @property
     def beyond(self) -> bool:
@@ -386,7 +388,10 @@ def stage_cell(stage: str, cmd: str) -> Planned:
 
 
 def plan(root: Path = REPO) -> tuple[list[Planned], list[str]]:
-    """The cells ``dvc repro`` would train, in its order, each projected; and the other stages it would run."""
+    """The cells ``dvc repro`` would train, in its order, each projected (an interrupted one for the steps it
+    has left); and the other stages it would run."""
+    from src.train import resumes_at
+
     stages, outs = repro_stages(root)
     records, bench, native, isa = load_records(root / "reports"), load_bench(root), native_here(), isa_here()
     cells, others = [], []
@@ -398,8 +403,9 @@ def plan(root: Path = REPO) -> tuple[list[Planned], list[str]]:
             others.append(s["stage"])
             continue
         c = stage_cell(s["stage"], s["cmd"])
-        c.seconds, c.source = project(c.model, c.data, c.steps, c.precision, c.device, records, bench, c.cpu,
-                                      native, isa)
+        c.done = min(resumes_at(shlex.split(s["cmd"])[len(TRAIN_CMD):], root), c.steps)
+        c.seconds, c.source = project(c.model, c.data, c.steps - c.done, c.precision, c.device, records, bench,
+                                      c.cpu, native, isa)
         c.code_only = code_only
         c.emulated = emulated_bf16(c.precision, c.cpu, native)
         cells.append(c)
@@ -432,7 +438,8 @@ def table(cells: list[Planned]) -> list[str]:
     lines = []
     for i, c in enumerate(cells, 1):
         mark = f"  {BEYOND}" if c.beyond else ""
-        lines.append(f"{i:>4}  {c.stage:<24} {c.steps:>7} steps  {c.precision:<10} {hours(c.seconds):>16}  "
+        steps = f"{c.steps - c.done} of {c.steps}" if c.done else str(c.steps)
+        lines.append(f"{i:>4}  {c.stage:<24} {steps:>16} steps  {c.precision:<10} {hours(c.seconds):>16}  "
                      f"[{c.source}]{mark}")
     return lines
 
