@@ -43,14 +43,14 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E402
 
 from src.cell import Cell  # noqa: E402
-from src.config import ConfigError, added_keys, check_added_keys, compose_config, result_hash, validate  # noqa: E402
+from src.config import ConfigError, added_keys, check_added_keys, compose_config, validate  # noqa: E402
 from src.data.datamodule import DistortedMNIST  # noqa: E402
 from src.models.bf16 import Bf16ViaFloat32Precision  # noqa: E402
 from src.models.build import build_model  # noqa: E402
 from src.models.module import Classifier  # noqa: E402
 from src.run.callbacks import (CodeStamp, CurveRecorder, DivergenceGuard, NoNanFill, ProgressLog, Segments,  # noqa: E402
                                SignalStop, curve_csv)
-from src.run.fingerprint import FILE as FINGERPRINT  # noqa: E402
+from src.run.checkpoints import checkpoint_dir, resume_point, run_fingerprint  # noqa: E402
 from src.runinfo import (REPO, UserError, atomic_dir, check_dvc_lock, native_bf16, sha256_file,  # noqa: E402
                          uncommitted, versions, write_atomic, write_json)
 
@@ -79,17 +79,6 @@ def quiet_lightning(quiet: bool) -> None:
     # tests/test_train.py checks that the loop computes exactly the written-out step
     warnings.filterwarnings("ignore", message=".*(`dataloader_iter` step flavor|`dataloader_iter` argument in the "
                                               "`training_step`).*")
-
-
-def run_fingerprint(cfg: DictConfig) -> str:
-    """Result-defining config + the result fingerprint of the training code (src/run/fingerprint.json):
-    checkpoints resume only under the same pair, so a change that provably keeps results (the same
-    fingerprint) keeps every interrupted run resumable."""
-    return result_hash(cfg, FINGERPRINT.read_text())
-
-
-def checkpoint_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.run_dir) / run_fingerprint(cfg)[:12] / "checkpoints"
 
 
 def check_writable(cfg: DictConfig) -> None:
@@ -131,39 +120,6 @@ def cell_lock(run_dir: Path, label: str):
     finally:
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """A checkpoint's step; None where it is missing, truncated, corrupt or foreign (not resumable)."""
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
-    except Exception:  # noqa: BLE001 - truncated, corrupt or foreign: not resumable
-        return None
-
-
-def resume_point(ckpt_dir: Path) -> tuple[Path | None, int]:
-    """The checkpoint to resume from and its step: ``last.ckpt``, or ``best.ckpt`` when the last one is
-    unreadable; (None, 0) for a fresh start. Both unreadable: one line saying what to do."""
-    last, best = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
-    if not last.exists():
-        return None, 0
-    for path in (last, best):
-        if (step := checkpoint_step(path)) is not None:
-            return path, step
-    raise UserError(f"checkpoint {last} is unreadable and there is no readable best.ckpt beside it; "
-                    f"delete {ckpt_dir} to train this cell from the start, or pass resume=false")
-
-
-def resumes_at(args: list[str], root: Path = REPO) -> int:
-    """The step ``python -m src.train <args>``, run in ``root``, would resume from (0: from the start), so
-    that a projection counts only the steps a cell has left (src.run.plan, src.ops.window)."""
-    cfg = compose_config(args)
-    if not cfg.resume:
-        return 0
-    try:
-        return resume_point(root / checkpoint_dir(cfg))[1]
-    except UserError:
-        return 0
 
 
 class CodeChanged(UserError):

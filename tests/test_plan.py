@@ -106,7 +106,7 @@ def test_the_plan_lists_the_stale_cells_in_dvc_repros_order_each_projected_with_
 def test_an_interrupted_cell_is_projected_for_the_steps_it_has_left(repo):
     import torch
 
-    from src.train import checkpoint_dir
+    from src.run.checkpoints import checkpoint_dir
 
     args = cmd("fcn", "e", 0).split()[3:]
     ckpts = repo / checkpoint_dir(compose_config(args))

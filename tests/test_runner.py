@@ -379,7 +379,7 @@ def unwritable(path: Path):
                                         ("cells", "paths.cell_dir")])
 def test_an_unwritable_output_is_one_line_exit_2_before_anything_is_written(smoke, tmp_path, place, key):
     from src.config import compose_config
-    from src.train import checkpoint_dir
+    from src.run.checkpoints import checkpoint_dir
 
     args = [a for a in smoke if not a.startswith(("paths.metrics_file", "paths.curve_file", "paths.cell_dir"))]
     args += [f"paths.metrics_file={tmp_path}/m/metrics.json", f"paths.curve_file={tmp_path}/c/curve.csv",

@@ -19,7 +19,8 @@ from src.run.callbacks import Stopped
 from src.models.module import Classifier, sgd_step
 from src.config import compose_config
 from src.models.build import build_model
-from src.train import CONF_DIR, REPO, run_fingerprint, train
+from src.run.checkpoints import run_fingerprint
+from src.train import CONF_DIR, REPO, train
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 DATASETS = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))

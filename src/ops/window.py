@@ -127,14 +127,14 @@ def arg_value(args: list[str], key: str) -> str:
 def checkpoint_dir(args: list[str], root: Path) -> Path:
     """``<run_dir>/<fingerprint12>/checkpoints`` of this exact command: the one ``src.train`` resumes from."""
     from src.config import compose_config
-    from src.train import checkpoint_dir as of_config
+    from src.run.checkpoints import checkpoint_dir as of_config
 
     return root / of_config(compose_config(args))
 
 
 def last_step(ckpt_dir: Path) -> int | None:
     """The step of a cell's ``last.ckpt``: where it stopped; None where there is none it can read."""
-    from src.train import checkpoint_step
+    from src.run.checkpoints import checkpoint_step
 
     return checkpoint_step(ckpt_dir / "last.ckpt")
 
@@ -476,7 +476,7 @@ def plan(a: argparse.Namespace, cells: list[Cell], root: Path) -> dict:
     import yaml
 
     from src.config import compose_config
-    from src.train import resumes_at
+    from src.run.checkpoints import resumes_at
 
     per_step = {}
     if a.plan and (root / a.plan).is_file():

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.config import model_config, precision_of
+from src.run.checkpoints import resumes_at
 from src.runinfo import BF16_FLAGS, REPO, UserError, check_dvc_lock, cpu_flags, has_native_bf16, widest_isa
 
 REACH_HOURS = 24.0  # a cell projected beyond this on a CPU: the GPU window or the cluster
@@ -390,8 +391,6 @@ def stage_cell(stage: str, cmd: str) -> Planned:
 def plan(root: Path = REPO) -> tuple[list[Planned], list[str]]:
     """The cells ``dvc repro`` would train, in its order, each projected (an interrupted one for the steps it
     has left); and the other stages it would run."""
-    from src.train import resumes_at
-
     stages, outs = repro_stages(root)
     records, bench, native, isa = load_records(root / "reports"), load_bench(root), native_here(), isa_here()
     cells, others = [], []
