@@ -181,14 +181,14 @@ def test_a_changed_config_neither_resumes_nor_deletes_another_configs_checkpoint
 def test_resume_needs_the_same_result_config_and_result_fingerprint(tmp_path, monkeypatch):
     """Where a run writes, how it talks and result-neutral code edits keep a checkpoint resumable; a
     result-defining key or a new result fingerprint (src/run/fingerprint.json) does not."""
-    from src import train as train_mod
+    from src.run import checkpoints
 
     base = run_fingerprint(cfg_for())
     assert run_fingerprint(cfg_for("quiet=true", "paths.run_dir=elsewhere", "resume=false")) == base
     assert run_fingerprint(cfg_for("optim.lr=0.02")) != base
     moved = tmp_path / "fingerprint.json"
-    moved.write_text(train_mod.FINGERPRINT.read_text().replace('"', "'", 1))
-    monkeypatch.setattr(train_mod, "FINGERPRINT", moved)
+    moved.write_text(checkpoints.FINGERPRINT.read_text().replace('"', "'", 1))
+    monkeypatch.setattr(checkpoints, "FINGERPRINT", moved)
     assert run_fingerprint(cfg_for()) != base
 
 
