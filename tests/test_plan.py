@@ -115,7 +115,7 @@ def test_an_interrupted_cell_is_projected_for_the_steps_it_has_left(repo):
     c = {c.stage: c for c in plan(repo)[0]}
     assert c["train@0-fcn-e"].done == 100_000 and c["train@0-fcn-e"].seconds == pytest.approx(1000 / 3)
     assert c["train@1-fcn-e"].done == 0  # another seed: another run directory's fingerprint
-    assert "50000 of 150000 steps" in "\n".join(report(list(c.values()), [], None)[0])
+    assert "50000 left of 150000 steps" in "\n".join(report(list(c.values()), [], None)[0])
     (ckpts / "last.ckpt").write_bytes(b"truncated")  # src.train resumes from best.ckpt then: so does the plan
     torch.save({"global_step": 90_000}, ckpts / "best.ckpt")
     assert {c.stage: c.done for c in plan(repo)[0]}["train@0-fcn-e"] == 90_000

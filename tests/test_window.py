@@ -275,7 +275,7 @@ def test_window_prepare_fills_what_the_next_window_carries(tmp_path, synthetic_d
     import gzip
     import shutil
 
-    from src.ops.window import checkpoint_dir
+    from src.ops.window import command_checkpoints
 
     raw = tmp_path / "data" / "raw"
     raw.mkdir(parents=True)
@@ -284,7 +284,7 @@ def test_window_prepare_fills_what_the_next_window_carries(tmp_path, synthetic_d
     (tmp_path / "data" / "distorted" / "r").mkdir(parents=True)
     shutil.copy(synthetic_data["data_dir"] / "r" / "manifest.json", tmp_path / "data" / "distorted" / "r")
     for name, model in (("0-cnn-r", "cnn"), ("0-st_cnn-r", "st_cnn")):  # both stopped on CUDA; st_cnn has finished
-        ckpt = checkpoint_dir(cell_args(Cell(0, model, "r"), "full", cuda=True, sets=[]), tmp_path)
+        ckpt = command_checkpoints(cell_args(Cell(0, model, "r"), "full", cuda=True, sets=[]), tmp_path)
         ckpt.mkdir(parents=True)
         (ckpt / "last.ckpt").write_bytes(b"x" * 10)
     (tmp_path / "reports" / "metrics").mkdir(parents=True)

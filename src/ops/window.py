@@ -38,6 +38,7 @@ from pathlib import Path
 
 from src.cell import Cell
 from src.config import model_config
+from src.run.checkpoints import checkpoint_dir, checkpoint_step, resumes_at
 from src.runinfo import REPO, UserError, write_atomic, write_json
 
 MIB = 1 << 20
@@ -124,18 +125,15 @@ def arg_value(args: list[str], key: str) -> str:
     return next(a.split("=", 1)[1] for a in reversed(args) if a.startswith(key + "="))
 
 
-def checkpoint_dir(args: list[str], root: Path) -> Path:
+def command_checkpoints(args: list[str], root: Path) -> Path:
     """``<run_dir>/<fingerprint12>/checkpoints`` of this exact command: the one ``src.train`` resumes from."""
     from src.config import compose_config
-    from src.run.checkpoints import checkpoint_dir as of_config
 
-    return root / of_config(compose_config(args))
+    return root / checkpoint_dir(compose_config(args))
 
 
 def last_step(ckpt_dir: Path) -> int | None:
     """The step of a cell's ``last.ckpt``: where it stopped; None where there is none it can read."""
-    from src.run.checkpoints import checkpoint_step
-
     return checkpoint_step(ckpt_dir / "last.ckpt")
 
 
@@ -170,7 +168,7 @@ class Window:
 
     def start(self, name: str, env: dict) -> tuple[subprocess.Popen, float, object, object]:
         o = self.out[name]
-        o.from_step = last_step(self.ckpt[name]) or 0
+        o.from_step = resumes_at(self.args[name], self.root)  # as src.train resumes: resume=false, best.ckpt
         (self.logs / "cells").mkdir(parents=True, exist_ok=True)
         fo = open(self.logs / "cells" / f"{name}.out", "a")
         fe = open(self.logs / "cells" / f"{name}.err", "a")
@@ -206,7 +204,7 @@ class Window:
               + f" after {o.seconds:.0f} s", flush=True)
 
     def run(self) -> None:
-        self.ckpt = {c.name: checkpoint_dir(self.args[c.name], self.root) for c in self.cells}
+        self.ckpt = {c.name: command_checkpoints(self.args[c.name], self.root) for c in self.cells}
         env = self.env()
         queue = [c.name for c in self.cells]
         running: dict[str, tuple] = {}
@@ -476,7 +474,6 @@ def plan(a: argparse.Namespace, cells: list[Cell], root: Path) -> dict:
     import yaml
 
     from src.config import compose_config
-    from src.run.checkpoints import resumes_at
 
     per_step = {}
     if a.plan and (root / a.plan).is_file():
@@ -542,7 +539,7 @@ def prepare(a: argparse.Namespace, cells: list[Cell], root: Path) -> None:
     for c in cells:
         args = cell_args(c, a.profile, a.device == "cuda", a.set)
         if not (root / arg_value(args, "paths.metrics_file")).is_file():
-            unfinished.append((c.name, checkpoint_dir(args, root)))
+            unfinished.append((c.name, command_checkpoints(args, root)))
     packed, left = pack_runs(dest, root, unfinished)
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     print(f"window: {dest} ready ({size / MIB:.1f} MiB): raw digits, {len(list((dest / 'manifests').iterdir()))} "

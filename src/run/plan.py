@@ -437,7 +437,7 @@ def table(cells: list[Planned]) -> list[str]:
     lines = []
     for i, c in enumerate(cells, 1):
         mark = f"  {BEYOND}" if c.beyond else ""
-        steps = f"{c.steps - c.done} of {c.steps}" if c.done else str(c.steps)
+        steps = f"{c.steps - c.done} left of {c.steps}" if c.done else str(c.steps)
         lines.append(f"{i:>4}  {c.stage:<24} {steps:>16} steps  {c.precision:<10} {hours(c.seconds):>16}  "
                      f"[{c.source}]{mark}")
     return lines
