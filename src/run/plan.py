@@ -398,11 +398,12 @@ def plan(root: Path = REPO) -> tuple[list[Planned], list[str]]:
         runs, code_only = staleness(s["changes"], outs)
         if not runs:
             continue
-        if shlex.split(s["cmd"])[:len(TRAIN_CMD)] != TRAIN_CMD:
+        argv = shlex.split(s["cmd"])
+        if argv[:len(TRAIN_CMD)] != TRAIN_CMD:
             others.append(s["stage"])
             continue
         c = stage_cell(s["stage"], s["cmd"])
-        c.done = min(resumes_at(shlex.split(s["cmd"])[len(TRAIN_CMD):], root), c.steps)
+        c.done = min(resumes_at(argv[len(TRAIN_CMD):], root), c.steps)
         c.seconds, c.source = project(c.model, c.data, c.steps - c.done, c.precision, c.device, records, bench,
                                       c.cpu, native, isa)
         c.code_only = code_only
