@@ -53,7 +53,8 @@ def resume_point(ckpt_dir: Path) -> tuple[Path | None, int]:
 
 def resumes_at(args: list[str], root: Path = REPO) -> int:
     """The step ``python -m src.train <args>``, run in ``root``, would resume from (0: from the start), so
-    that a projection counts only the steps a cell has left (src.run.plan, src.ops.window)."""
+    that a projection counts only the steps a cell has left (src.run.plan, src.ops.window). Where the
+    training code changed since the checkpoint, src.train may still refuse it (check_same_code)."""
     cfg = compose_config(args)
     if not cfg.resume:
         return 0
