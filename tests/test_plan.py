@@ -210,6 +210,22 @@ def test_records_of_one_cpu_model_and_another_generation_are_another_machine(rep
     assert project(**e, isa="amx_bf16") == \
         (900, "median of 3 records on AMD EPYC [avx512_bf16], Intel(R) Xeon(R) Processor, AMD EPYC [avx2]")
 
+def test_a_run_on_two_threads_is_projected_by_the_records_and_calibration_on_two_threads(repo):
+    """The benchmark times one thread; a cell on both cores of a machine runs faster than its one-thread records."""
+    two = AMD.replace("1 threads", "2 threads")
+    record(repo, "3-fcn-e", "fcn", "e", 150_000, 600, device=two)
+    record(repo, "1-cnn-r", "cnn", "r", 150_000, 6000, device=two, precision="bf16-mixed")  # 0.04 s on a 0.2 s step
+    records, bench = plan_mod.load_records(repo / "reports"), load_bench(repo)
+    assert {r.key: r.threads for r in records if r.key in ("0-fcn-e", "3-fcn-e")} == {"0-fcn-e": 1, "3-fcn-e": 2}
+    e = dict(model="fcn", data="e", steps=150_000, precision="32-true", records=records, bench=bench)
+    assert project(**e, device=two) == (600, "record 3-fcn-e")
+    assert project(**e, device=AMD) == (pytest.approx(1000), "median of 2 records")  # 0-fcn-e and 2-fcn-e
+    tc = dict(model="cnn", data="tc", steps=150_000, precision="bf16-mixed", records=records, bench=bench)
+    assert project(**tc, device=two) == (pytest.approx(4.0 * 0.2 * 150_000), "conv.md ×0.20 (calibrated on 1 record)")
+    assert project(**tc, device=AMD) == (pytest.approx(4.0 * 0.25 * 150_000), "conv.md ×0.25 (calibrated on 1 record)")
+    assert project(**tc, device="AMD EPYC")[1] == "conv.md ×0.22 (calibrated on 2 records)"  # threads unknown: both
+
+
 
 def test_a_records_generation_is_known_only_where_every_cpu_segment_recorded_it():
     def segs(*flags):  # "old": a segment of older code, without the key

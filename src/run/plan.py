@@ -11,9 +11,10 @@ the data stages regenerate it bit-identically.
 
 A cell's projected time comes, first, from the records of finished cells of the same model and
 distortion (``fit_seconds / steps`` × the cell's steps; the median over the records of this CPU model
-and the cell's precision, else the nearest: another CPU, another precision scaled by the benchmark's
-bf16/fp32 ratio); else from a benchmark table (reports/bench/conv.md for the CNN family, section 4 of
-reports/benchmarks.md), calibrated by the records that both have; else it is unknown. A ``bf16-mixed`` cell
+and the cell's precision, on as many threads as this run where there are any, else the nearest: another
+CPU, another precision scaled by the benchmark's bf16/fp32 ratio); else from a benchmark table
+(reports/bench/conv.md for the CNN family, section 4 of reports/benchmarks.md), calibrated by the records
+that both have (on as many threads, where there are any); else it is unknown. A ``bf16-mixed`` cell
 on a CPU without native bfloat16 (no AMX or AVX512-BF16) runs emulated on float32 kernels, slower
 than the records and the benchmark of a CPU with it: its time is the step of a benchmark table made on such a CPU (its header
 says "Native bfloat16: none"), calibrated by the records as the other tables are, else unknown. Each number
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import statistics
 import subprocess
@@ -62,6 +64,7 @@ class Measured:
     key: str = ""
     cpu: bool = True
     isa: str | None = None  # its CPU's widest vector instruction set (runinfo.widest_isa); None: not recorded
+    threads: int | None = None  # the threads it trained on; None: not named (a GPU, a benchmark row)
 
     def where(self) -> str:
         return self.device + (f" [{self.isa}]" if self.isa else "")
@@ -82,6 +85,12 @@ def recorded_isa(prov: dict) -> str | None:
     return None if seen <= {None} else seen.pop() if len(seen) == 1 else "mixed"
 
 
+def threads_of(device: str) -> int | None:
+    """'AMD EPYC (2 cores, 1 threads)' → 1: a cell on two threads runs faster than its one-thread records."""
+    found = re.search(r"(\d+) threads\)", device)
+    return int(found.group(1)) if found else None
+
+
 def machine(device: str) -> str:
     """'AMD EPYC (2 cores, 1 threads)' → 'AMD EPYC': records of one CPU model compare across core counts."""
     return device.split(" (")[0].strip()
@@ -98,7 +107,8 @@ def load_records(reports: Path) -> list[Measured]:
             if steps > 0 and secs > 0:
                 out.append(Measured(cfg["model"]["name"], cfg["data"]["name"], str(precision), secs / steps,
                                     machine(p.get("device", "")), p.get("cell", path.parent.name),
-                                    p.get("accelerator", "cpu") == "cpu", recorded_isa(p)))
+                                    p.get("accelerator", "cpu") == "cpu", recorded_isa(p),
+                                    threads_of(p.get("device", ""))))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # unreadable or foreign: no evidence
     return out
@@ -165,7 +175,7 @@ def project(model: str, data: str, steps: int, precision: str, device: str, reco
     same CPU model must share to count as this machine's (None: unknown, any does)."""
     emulated = [b for b in bench if b.native is False]
     bench = [b for b in bench if b.native is not False]  # the emulated tables serve only the emulated case below
-    here = machine(device)
+    here, threads = machine(device), threads_of(device)
     records = [r for r in records if r.cpu == cpu and (cpu or r.device == here)]
     if emulated_bf16(precision, cpu, native):
         own = [r for r in records if (r.model, r.data, r.precision) == (model, data, precision)
@@ -175,7 +185,7 @@ def project(model: str, data: str, steps: int, precision: str, device: str, reco
             return s * steps, what + ", bf16-mixed emulated here"
         # else the records' CPUs had it: this CPU's own benchmark instead
         cal = next((b for b in bench if any((r.model, r.data) == (model, data) for r in b.rows)), None)
-        found = _from_bench(emulated, model, data, precision, steps, records, here, isa, cal)
+        found = _from_bench(emulated, model, data, precision, steps, records, here, isa, cal, threads)
         return (found[0], found[1] + ", bf16-mixed emulated here") if found else \
             (None, "bf16-mixed emulated here (no native bfloat16), and no benchmark of that")
     same = [r for r in records if (r.model, r.data) == (model, data) and not ran_emulated(r)]
@@ -185,6 +195,8 @@ def project(model: str, data: str, steps: int, precision: str, device: str, reco
                 if (r.precision == precision) == same_prec and on_machine(r, here, isa) == same_dev]
         if not pick:
             continue
+        if same_dev:  # this machine's records on as many threads as this run, where there are any
+            pick = [r for r in pick if r.threads == threads] or pick
         s, what = _median(pick)
         what += "" if same_dev else " on " + ", ".join(dict.fromkeys(r.where() for r in pick))
         if not same_prec:
@@ -193,7 +205,7 @@ def project(model: str, data: str, steps: int, precision: str, device: str, reco
             what += f" at {pick[0].precision}" + (f" ×{ratio:.2f} ({precision} by the benchmark)" if ratio else "")
         return s * steps, what
     if cpu:  # the benchmark tables time a CPU core
-        found = _from_bench(bench, model, data, precision, steps, records, here, isa)
+        found = _from_bench(bench, model, data, precision, steps, records, here, isa, threads=threads)
         if found:
             return found
     return None, "no record or benchmark" if cpu else f"no record on {here}"
@@ -206,7 +218,8 @@ def _median(records: list[Measured]) -> tuple[float, str]:
 
 
 def _from_bench(tables: list[Bench], model: str, data: str, precision: str, steps: int, records: list[Measured],
-                here: str, isa: str | None = None, calibration: Bench | None = None) -> tuple[float, str] | None:
+                here: str, isa: str | None = None, calibration: Bench | None = None,
+                threads: int | None = None) -> tuple[float, str] | None:
     """The cell's step time in the first table that has it × steps, calibrated on the records (by the table's own
     rows on this machine's records, or by ``calibration``'s on the records of any CPU of its model name, since
     which of them ran that table is not known: the overhead of a whole cell over a bare step)."""
@@ -215,7 +228,7 @@ def _from_bench(tables: list[Bench], model: str, data: str, precision: str, step
         if row is None:
             continue
         cal = calibration or b
-        factor, n = _calibration(cal.rows, records, here, isa if cal is b else None)
+        factor, n = _calibration(cal.rows, records, here, isa if cal is b else None, threads)
         by = "" if cal is b else f" of {Path(cal.name).name}"
         what = Path(b.name).name + (f" ×{factor:.2f} (calibrated on {_n(n, 'record')}{by})" if n else " (step only)")
         return row.s_per_step * factor * steps, what
@@ -251,12 +264,14 @@ def _precision_ratio(model, data, have, want, bench) -> float | None:
 
 
 def _calibration(rows: list[Measured], records: list[Measured], here: str,
-                 isa: str | None = None) -> tuple[float, int]:
-    """Median of record / benchmark over the cells both have (this CPU model's records if any): the benchmark
-    times one step of an idle or loaded core, a record the whole cell (data, evaluation, the loop)."""
+                 isa: str | None = None, threads: int | None = None) -> tuple[float, int]:
+    """Median of record / benchmark over the cells both have (this CPU model's records if any, of those the ones
+    on ``threads`` threads if any): the benchmark times one step of an idle or loaded core on one thread, a record
+    the whole cell (data, evaluation, the loop) on its own threads."""
     bench = {(r.model, r.data, r.precision): r.s_per_step for r in rows}
     pairs = [(r, bench[k]) for r in records if (k := (r.model, r.data, r.precision)) in bench]
     local = [p for p in pairs if on_machine(p[0], here, isa)]
+    local = [p for p in local if p[0].threads == threads] or local
     pairs = local or pairs
     if not pairs:
         return 1.0, 0
