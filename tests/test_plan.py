@@ -210,6 +210,7 @@ def test_records_of_one_cpu_model_and_another_generation_are_another_machine(rep
     assert project(**e, isa="amx_bf16") == \
         (900, "median of 3 records on AMD EPYC [avx512_bf16], Intel(R) Xeon(R) Processor, AMD EPYC [avx2]")
 
+
 def test_a_run_on_two_threads_is_projected_by_the_records_and_calibration_on_two_threads(repo):
     """The benchmark times one thread; a cell on both cores of a machine runs faster than its one-thread records."""
     two = AMD.replace("1 threads", "2 threads")
@@ -224,7 +225,6 @@ def test_a_run_on_two_threads_is_projected_by_the_records_and_calibration_on_two
     assert project(**tc, device=two) == (pytest.approx(4.0 * 0.2 * 150_000), "conv.md ×0.20 (calibrated on 1 record)")
     assert project(**tc, device=AMD) == (pytest.approx(4.0 * 0.25 * 150_000), "conv.md ×0.25 (calibrated on 1 record)")
     assert project(**tc, device="AMD EPYC")[1] == "conv.md ×0.22 (calibrated on 2 records)"  # threads unknown: both
-
 
 
 def test_a_records_generation_is_known_only_where_every_cpu_segment_recorded_it():

@@ -103,12 +103,11 @@ def load_records(reports: Path) -> list[Measured]:
         try:
             p = json.loads(path.read_text())
             cfg, steps, secs = p["config"], int(p["steps"]), float(p["fit_seconds"])
-            precision = precision_of(cfg)
+            precision, device = precision_of(cfg), p.get("device", "")
             if steps > 0 and secs > 0:
                 out.append(Measured(cfg["model"]["name"], cfg["data"]["name"], str(precision), secs / steps,
-                                    machine(p.get("device", "")), p.get("cell", path.parent.name),
-                                    p.get("accelerator", "cpu") == "cpu", recorded_isa(p),
-                                    threads_of(p.get("device", ""))))
+                                    machine(device), p.get("cell", path.parent.name),
+                                    p.get("accelerator", "cpu") == "cpu", recorded_isa(p), threads_of(device)))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # unreadable or foreign: no evidence
     return out
