@@ -34,10 +34,11 @@ def cmd(model: str, data: str, seed: int, short: bool = False) -> str:
 
 
 def record(root, key: str, model: str, data: str, steps: int, seconds: float, device: str = AMD,
-           precision: str = "32-true", short: bool = False, cpu_flags: list[str] | None = None):
+           precision: str = "32-true", short: bool = False, cpu_flags: list[str] | None = None,
+           segments: list[dict] | None = None):
     d = root / "reports" / ("short/cells" if short else "cells") / key
     d.mkdir(parents=True, exist_ok=True)
-    segments = [] if cpu_flags is None else [{"device": device, "cpu_flags": cpu_flags}]
+    segments = segments or ([] if cpu_flags is None else [{"device": device, "cpu_flags": cpu_flags}])
     (d / "provenance.json").write_text(json.dumps({
         "cell": key, "steps": steps, "fit_seconds": seconds, "device": device, "accelerator": "cpu",
         "segments": segments, "config": {"model": {"name": model, "precision": precision}, "data": {"name": data}}}))
@@ -228,14 +229,37 @@ def test_a_run_on_two_threads_is_projected_by_the_records_and_calibration_on_two
 
 
 def test_a_records_generation_is_known_only_where_every_cpu_segment_recorded_it():
-    def segs(*flags):  # "old": a segment of older code, without the key
-        return {"accelerator": "cpu", "segments": [{} if f == "old" else {"cpu_flags": f} for f in flags]}
+    def segs(*flags):  # "old": a segment of older code, without the key; no steps: the whole record counts
+        return {"accelerator": "cpu", "device": AMD, "steps": 10, "fit_seconds": 1.0,
+                "segments": [{} if f == "old" else {"cpu_flags": f} for f in flags]}
 
-    assert plan_mod.recorded_isa(segs(["avx2"], ["avx2"])) == "avx2"
-    assert plan_mod.recorded_isa(segs("old", "old")) is None and plan_mod.recorded_isa(segs(None)) is None
-    assert plan_mod.recorded_isa(segs(["avx2"], ["amx_bf16", "avx2"])) == "mixed"  # moved machines: none matches
-    assert plan_mod.recorded_isa(segs("old", ["avx2"])) == "mixed"  # resumed across the change: the first unknown
-    assert plan_mod.recorded_isa({"accelerator": "cuda", "segments": [{}]}) is None
+    def isa(prov):
+        (key,) = plan_mod.runs_of(prov)
+        return key[1]
+
+    assert isa(segs(["avx2"], ["avx2"])) == "avx2"
+    assert isa(segs("old", "old")) is None and isa(segs(None)) is None and isa(segs()) is None
+    assert isa(segs(["avx2"], ["amx_bf16", "avx2"])) == "mixed"  # moved machines: none matches
+    assert isa(segs("old", ["avx2"])) == "mixed"  # resumed across the change: the first unknown
+
+
+def test_a_record_resumed_on_more_threads_or_another_cpu_times_each_run_apart(repo):
+    """A cell begun on one thread and finished on two ran at two speeds; each projects the runs like it."""
+    two = AMD.replace("1 threads", "2 threads")
+    record(repo, "3-fcn-e", "fcn", "e", 150_000, 1500, segments=[
+        {"device": AMD, "cpu_flags": ["avx2"], "from_step": 0, "to_step": 50_000, "seconds": 800},
+        {"device": two, "cpu_flags": ["avx2"], "from_step": 50_000, "to_step": 100_000, "seconds": 300},
+        {"device": two, "cpu_flags": ["avx512_bf16", "avx2"], "from_step": 100_000, "to_step": 150_000,
+         "seconds": 400}])
+    runs = {(r.threads, r.isa): (r.steps, r.s_per_step) for r in plan_mod.load_records(repo / "reports")
+            if r.key == "3-fcn-e"}
+    assert runs == {(1, "avx2"): (50_000, 0.016), (2, "avx2"): (50_000, 0.006), (2, "avx512_bf16"): (50_000, 0.008)}
+    records, bench = plan_mod.load_records(repo / "reports"), load_bench(repo)
+    e = dict(model="fcn", data="e", steps=150_000, precision="32-true", records=records, bench=bench)
+    assert project(**e, device=two, isa="avx2") == (pytest.approx(900), "record 3-fcn-e")
+    assert project(**e, device=two, isa="avx512_bf16") == (pytest.approx(1200), "record 3-fcn-e")
+    # the older records name no instruction set: with the runs of 3-fcn-e, merged, one record each
+    assert project(**e, device="AMD EPYC", isa="avx2") == (pytest.approx(1100), "median of 3 records")
 
 
 def test_cpu_flags_read_proc_cpuinfo_widest_first_and_say_none_where_it_cannot_tell(tmp_path, monkeypatch):

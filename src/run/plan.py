@@ -10,7 +10,8 @@ dependency that is missing and that another stage produces (the data of a fresh 
 the data stages regenerate it bit-identically.
 
 A cell's projected time comes, first, from the records of finished cells of the same model and
-distortion (``fit_seconds / steps`` × the cell's steps; the median over the records of this CPU model
+distortion (seconds / steps × the cell's steps, for each run of a record on one CPU and thread count, by its
+segments; the median over the records of this CPU model
 and the cell's precision, on as many threads as this run where there are any, else the nearest: another
 CPU, another precision scaled by the benchmark's bf16/fp32 ratio); else from a benchmark table
 (reports/bench/conv.md for the CNN family, section 4 of reports/benchmarks.md), calibrated by the records
@@ -32,7 +33,7 @@ import shlex
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from src.config import model_config, precision_of
@@ -65,6 +66,8 @@ class Measured:
     cpu: bool = True
     isa: str | None = None  # its CPU's widest vector instruction set (runinfo.widest_isa); None: not recorded
     threads: int | None = None  # the threads it trained on; None: not named (a GPU, a benchmark row)
+    steps: int = 0  # the steps it times (a record's, on this machine and thread count)
+    origin: str = ""  # the record's directory: the runs of one record share it
 
     def where(self) -> str:
         return self.device + (f" [{self.isa}]" if self.isa else "")
@@ -74,15 +77,6 @@ def on_machine(r: Measured, here: str, isa: str | None) -> bool:
     """Was ``r`` measured on this machine: the same CPU model (or GPU) and, where both are known, the same
     widest instruction set (one model name, 'AMD EPYC', covers CPUs with and without native bfloat16)."""
     return r.device == here and (r.isa is None or isa is None or r.isa == isa)
-
-
-def recorded_isa(prov: dict) -> str | None:
-    """A CPU record's widest instruction set, from its segments' ``cpu_flags``: None where none recorded it
-    (older records); 'mixed' where its segments differ or only some recorded it, which no machine matches."""
-    if prov.get("accelerator", "cpu") != "cpu":
-        return None
-    seen = {widest_isa(s.get("cpu_flags")) for s in prov.get("segments", [])}
-    return None if seen <= {None} else seen.pop() if len(seen) == 1 else "mixed"
 
 
 def threads_of(device: str) -> int | None:
@@ -97,20 +91,41 @@ def machine(device: str) -> str:
 
 
 def load_records(reports: Path) -> list[Measured]:
-    """Every finished cell's time per step (reports/cells and reports/short/cells)."""
+    """Every finished cell's time per step (reports/cells and reports/short/cells): one per machine and thread
+    count its segments ran on, since a cell resumed on two threads, or on another CPU, ran at two speeds."""
     out = []
     for path in sorted([*reports.glob("cells/*/provenance.json"), *reports.glob("short/cells/*/provenance.json")]):
         try:
             p = json.loads(path.read_text())
-            cfg, steps, secs = p["config"], int(p["steps"]), float(p["fit_seconds"])
-            precision, device = precision_of(cfg), p.get("device", "")
-            if steps > 0 and secs > 0:
-                out.append(Measured(cfg["model"]["name"], cfg["data"]["name"], str(precision), secs / steps,
-                                    machine(device), p.get("cell", path.parent.name),
-                                    p.get("accelerator", "cpu") == "cpu", recorded_isa(p), threads_of(device)))
+            cfg, cpu = p["config"], p.get("accelerator", "cpu") == "cpu"
+            for (device, isa), (steps, secs) in runs_of(p).items():
+                if steps > 0 and secs > 0:
+                    out.append(Measured(cfg["model"]["name"], cfg["data"]["name"], str(precision_of(cfg)),
+                                        secs / steps, machine(device), p.get("cell", path.parent.name), cpu,
+                                        isa if cpu else None, threads_of(device), steps, str(path.parent)))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # unreadable or foreign: no evidence
     return out
+
+
+def runs_of(prov: dict) -> dict[tuple[str, str | None], tuple[int, float]]:
+    """A record's (steps, seconds) per (device line, widest instruction set) of its segments; where they do not
+    account for all its steps (older records), the whole record under its own device line, and an instruction
+    set only where every segment names the same one ('mixed', which no machine matches, where they differ)."""
+    runs: dict[tuple[str, str | None], tuple[int, float]] = {}
+    for s in prov.get("segments", []):
+        key = (s.get("device", prov.get("device", "")), widest_isa(s.get("cpu_flags")))
+        try:
+            steps, secs = int(s["to_step"]) - int(s["from_step"]), float(s["seconds"])
+        except (KeyError, TypeError, ValueError):
+            steps, secs = 0, 0.0
+        had = runs.get(key, (0, 0.0))
+        runs[key] = (had[0] + steps, had[1] + secs)
+    if sum(n for n, _ in runs.values()) == int(prov["steps"]):
+        return runs
+    isas = {isa for _, isa in runs}
+    isa = None if isas <= {None} else isas.pop() if len(isas) == 1 else "mixed"
+    return {(prov.get("device", ""), isa): (int(prov["steps"]), float(prov["fit_seconds"]))}
 
 
 def md_tables(text: str) -> list[list[dict]]:
@@ -194,8 +209,8 @@ def project(model: str, data: str, steps: int, precision: str, device: str, reco
                 if (r.precision == precision) == same_prec and on_machine(r, here, isa) == same_dev]
         if not pick:
             continue
-        if same_dev:  # this machine's records on as many threads as this run, where there are any
-            pick = [r for r in pick if r.threads == threads] or pick
+        if same_dev:
+            pick = on_threads(pick, threads)
         s, what = _median(pick)
         what += "" if same_dev else " on " + ", ".join(dict.fromkeys(r.where() for r in pick))
         if not same_prec:
@@ -211,9 +226,26 @@ def project(model: str, data: str, steps: int, precision: str, device: str, reco
 
 
 def _median(records: list[Measured]) -> tuple[float, str]:
-    """The median time per step of ``records``, and where it comes from."""
+    """The median time per step of ``records`` (one per cell), and where it comes from."""
+    records = per_cell(records)
     what = f"record {records[0].key}" if len(records) == 1 else f"median of {len(records)} records"
     return statistics.median(r.s_per_step for r in records), what
+
+
+def on_threads(records: list[Measured], threads: int | None) -> list[Measured]:
+    """Those of this machine's ``records`` made on as many threads as the run, where there are any, else all:
+    a cell on both cores of a 2-core machine runs faster than its one-thread records."""
+    return [r for r in records if r.threads == threads] or records
+
+
+def per_cell(records: list[Measured]) -> list[Measured]:
+    """One per cell: the runs of a record on several machines or thread counts, merged by their steps."""
+    cells: dict[str, list[Measured]] = {}
+    for r in records:
+        cells.setdefault(r.origin or r.key, []).append(r)
+    return [rs[0] if len(rs) == 1 else replace(rs[0], s_per_step=sum(r.s_per_step * r.steps for r in rs)
+                                                 / sum(r.steps for r in rs), steps=sum(r.steps for r in rs))
+            for rs in cells.values()]
 
 
 def _from_bench(tables: list[Bench], model: str, data: str, precision: str, steps: int, records: list[Measured],
@@ -268,13 +300,11 @@ def _calibration(rows: list[Measured], records: list[Measured], here: str,
     on ``threads`` threads if any): the benchmark times one step of an idle or loaded core on one thread, a record
     the whole cell (data, evaluation, the loop) on its own threads."""
     bench = {(r.model, r.data, r.precision): r.s_per_step for r in rows}
-    pairs = [(r, bench[k]) for r in records if (k := (r.model, r.data, r.precision)) in bench]
-    local = [p for p in pairs if on_machine(p[0], here, isa)]
-    local = [p for p in local if p[0].threads == threads] or local
-    pairs = local or pairs
-    if not pairs:
+    both = [r for r in records if (r.model, r.data, r.precision) in bench]
+    both = per_cell(on_threads([r for r in both if on_machine(r, here, isa)], threads) or both)
+    if not both:
         return 1.0, 0
-    return statistics.median(r.s_per_step / b for r, b in pairs), len(pairs)
+    return statistics.median(r.s_per_step / bench[r.model, r.data, r.precision] for r in both), len(both)
 
 
 def run_device(accelerator: str) -> tuple[str, bool]:
