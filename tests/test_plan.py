@@ -229,18 +229,22 @@ def test_a_run_on_two_threads_is_projected_by_the_records_and_calibration_on_two
 
 
 def test_a_records_generation_is_known_only_where_every_cpu_segment_recorded_it():
-    def segs(*flags):  # "old": a segment of older code, without the key; no steps: the whole record counts
-        return {"accelerator": "cpu", "device": AMD, "steps": 10, "fit_seconds": 1.0,
-                "segments": [{} if f == "old" else {"cpu_flags": f} for f in flags]}
+    def segs(*flags, timed=False):  # "old": a segment of older code, without the key
+        timing = {"from_step": 0, "to_step": 5, "seconds": 0.5} if timed else {}
+        return {"accelerator": "cpu", "device": AMD, "steps": 5 * len(flags) if timed else 10, "fit_seconds": 1.0,
+                "segments": [{**timing, **({} if f == "old" else {"cpu_flags": f})} for f in flags]}
 
-    def isa(prov):
-        (key,) = plan_mod.runs_of(prov)
-        return key[1]
+    def isas(prov):
+        return sorted((isa for _, isa in plan_mod.runs_of(prov)), key=str)
 
-    assert isa(segs(["avx2"], ["avx2"])) == "avx2"
-    assert isa(segs("old", "old")) is None and isa(segs(None)) is None and isa(segs()) is None
-    assert isa(segs(["avx2"], ["amx_bf16", "avx2"])) == "mixed"  # moved machines: none matches
-    assert isa(segs("old", ["avx2"])) == "mixed"  # resumed across the change: the first unknown
+    # segments that do not account for the steps (older records): the whole record, one generation or none
+    assert isas(segs(["avx2"], ["avx2"])) == ["avx2"]
+    assert isas(segs("old", "old")) == [None] and isas(segs(None)) == [None] and isas(segs()) == [None]
+    assert isas(segs(["avx2"], ["amx_bf16", "avx2"])) == ["mixed"]  # moved machines: none matches
+    assert isas(segs("old", ["avx2"])) == ["mixed"]  # resumed across the change: the first unknown
+    # timed segments: each run apart, one of older code counting for any CPU of the model as an older record does
+    assert isas(segs(["avx2"], ["amx_bf16", "avx2"], timed=True)) == ["amx_bf16", "avx2"]
+    assert isas(segs("old", ["avx2"], timed=True)) == [None, "avx2"]
 
 
 def test_a_record_resumed_on_more_threads_or_another_cpu_times_each_run_apart(repo):
@@ -251,15 +255,31 @@ def test_a_record_resumed_on_more_threads_or_another_cpu_times_each_run_apart(re
         {"device": two, "cpu_flags": ["avx2"], "from_step": 50_000, "to_step": 100_000, "seconds": 300},
         {"device": two, "cpu_flags": ["avx512_bf16", "avx2"], "from_step": 100_000, "to_step": 150_000,
          "seconds": 400}])
-    runs = {(r.threads, r.isa): (r.steps, r.s_per_step) for r in plan_mod.load_records(repo / "reports")
-            if r.key == "3-fcn-e"}
-    assert runs == {(1, "avx2"): (50_000, 0.016), (2, "avx2"): (50_000, 0.006), (2, "avx512_bf16"): (50_000, 0.008)}
+    record(repo, "4-fcn-e", "fcn", "e", 150_000, 1200, segments=[  # a GPU window, finished on a CPU
+        {"device": "NVIDIA H100", "from_step": 0, "to_step": 100_000, "seconds": 200},
+        {"device": two, "cpu_flags": ["avx2"], "from_step": 100_000, "to_step": 150_000, "seconds": 1000}])
     records, bench = plan_mod.load_records(repo / "reports"), load_bench(repo)
+    runs = {(r.key, r.cpu, r.threads, r.isa): (r.steps, r.s_per_step) for r in records if r.key[0] in "34"}
+    assert runs == {("3-fcn-e", True, 1, "avx2"): (50_000, 0.016), ("3-fcn-e", True, 2, "avx2"): (50_000, 0.006),
+                    ("3-fcn-e", True, 2, "avx512_bf16"): (50_000, 0.008),
+                    ("4-fcn-e", False, None, None): (100_000, 0.002), ("4-fcn-e", True, 2, "avx2"): (50_000, 0.02)}
     e = dict(model="fcn", data="e", steps=150_000, precision="32-true", records=records, bench=bench)
-    assert project(**e, device=two, isa="avx2") == (pytest.approx(900), "record 3-fcn-e")
-    assert project(**e, device=two, isa="avx512_bf16") == (pytest.approx(1200), "record 3-fcn-e")
-    # the older records name no instruction set: with the runs of 3-fcn-e, merged, one record each
-    assert project(**e, device="AMD EPYC", isa="avx2") == (pytest.approx(1100), "median of 3 records")
+    assert project(**e, device=two, isa="avx512_bf16") == \
+        (pytest.approx(1200), "record 3-fcn-e (50,000 of its 150,000 steps)")
+    assert project(**e, device="NVIDIA H100", cpu=False) == \
+        (pytest.approx(300), "record 4-fcn-e (100,000 of its 150,000 steps)")
+    # threads unknown: the runs of a record merge back into one, by their steps (3-fcn-e's avx2 runs: 1650;
+    # 0-, 2- and 4-fcn-e: 900, 1100, 3000)
+    assert project(**e, device="AMD EPYC", isa="avx2") == (pytest.approx(1375), "median of 4 records")
+    # a short and a full record of one cell are two records; so are they where a benchmark is calibrated
+    record(repo, "0-cnn-r", "cnn", "r", 150_000, 30_000, segments=[
+        {"device": AMD, "from_step": 0, "to_step": 75_000, "seconds": 15_000},
+        {"device": two, "from_step": 75_000, "to_step": 150_000, "seconds": 15_000}])
+    records = plan_mod.load_records(repo / "reports")
+    assert project("cnn", "r", 150_000, "32-true", "AMD EPYC", records, bench) == \
+        (pytest.approx(150_000 * 0.15), "median of 2 records")
+    assert project("cnn", "tc", 150_000, "32-true", "AMD EPYC", records, bench)[1] == \
+        "conv.md ×0.38 (calibrated on 2 records)"
 
 
 def test_cpu_flags_read_proc_cpuinfo_widest_first_and_say_none_where_it_cannot_tell(tmp_path, monkeypatch):

@@ -66,8 +66,9 @@ class Measured:
     cpu: bool = True
     isa: str | None = None  # its CPU's widest vector instruction set (runinfo.widest_isa); None: not recorded
     threads: int | None = None  # the threads it trained on; None: not named (a GPU, a benchmark row)
-    steps: int = 0  # the steps it times (a record's, on this machine and thread count)
-    origin: str = ""  # the record's directory: the runs of one record share it
+    steps: int = 0  # the steps it times: a record's run on one machine and thread count, or all of them
+    of_steps: int = 0  # the record's steps
+    origin: str = ""  # the record's directory, which its runs share
 
     def where(self) -> str:
         return self.device + (f" [{self.isa}]" if self.isa else "")
@@ -97,19 +98,21 @@ def load_records(reports: Path) -> list[Measured]:
     for path in sorted([*reports.glob("cells/*/provenance.json"), *reports.glob("short/cells/*/provenance.json")]):
         try:
             p = json.loads(path.read_text())
-            cfg, cpu = p["config"], p.get("accelerator", "cpu") == "cpu"
+            cfg, of_steps = p["config"], int(p["steps"])
             for (device, isa), (steps, secs) in runs_of(p).items():
-                if steps > 0 and secs > 0:
+                if steps > 0 and secs > 0:  # a CPU's device line names its threads (runinfo.device_name)
                     out.append(Measured(cfg["model"]["name"], cfg["data"]["name"], str(precision_of(cfg)),
-                                        secs / steps, machine(device), p.get("cell", path.parent.name), cpu,
-                                        isa if cpu else None, threads_of(device), steps, str(path.parent)))
+                                        secs / steps, machine(device), p.get("cell", path.parent.name),
+                                        threads_of(device) is not None, isa, threads_of(device), steps, of_steps,
+                                        str(path.parent)))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # unreadable or foreign: no evidence
     return out
 
 
 def runs_of(prov: dict) -> dict[tuple[str, str | None], tuple[int, float]]:
-    """A record's (steps, seconds) per (device line, widest instruction set) of its segments; where they do not
+    """A record's (steps, seconds) per (device line, widest instruction set) of its segments, a segment of older
+    code that names none counting for any CPU of its model as an older record does; where the segments do not
     account for all its steps (older records), the whole record under its own device line, and an instruction
     set only where every segment names the same one ('mixed', which no machine matches, where they differ)."""
     runs: dict[tuple[str, str | None], tuple[int, float]] = {}
@@ -228,7 +231,9 @@ def project(model: str, data: str, steps: int, precision: str, device: str, reco
 def _median(records: list[Measured]) -> tuple[float, str]:
     """The median time per step of ``records`` (one per cell), and where it comes from."""
     records = per_cell(records)
-    what = f"record {records[0].key}" if len(records) == 1 else f"median of {len(records)} records"
+    one = records[0]
+    part = f" ({one.steps:,} of its {one.of_steps:,} steps)" if one.steps < one.of_steps else ""
+    what = f"record {one.key}{part}" if len(records) == 1 else f"median of {len(records)} records"
     return statistics.median(r.s_per_step for r in records), what
 
 
@@ -239,13 +244,17 @@ def on_threads(records: list[Measured], threads: int | None) -> list[Measured]:
 
 
 def per_cell(records: list[Measured]) -> list[Measured]:
-    """One per cell: the runs of a record on several machines or thread counts, merged by their steps."""
-    cells: dict[str, list[Measured]] = {}
+    """One per record: its runs on several machines or thread counts merged, as one time per step over their
+    steps."""
+    runs: dict[str | int, list[Measured]] = {}
     for r in records:
-        cells.setdefault(r.origin or r.key, []).append(r)
-    return [rs[0] if len(rs) == 1 else replace(rs[0], s_per_step=sum(r.s_per_step * r.steps for r in rs)
-                                                 / sum(r.steps for r in rs), steps=sum(r.steps for r in rs))
-            for rs in cells.values()]
+        runs.setdefault(r.origin or id(r), []).append(r)
+    return [rs[0] if len(rs) == 1 else _merged(rs) for rs in runs.values()]
+
+
+def _merged(runs: list[Measured]) -> Measured:
+    steps = sum(r.steps for r in runs)
+    return replace(runs[0], s_per_step=sum(r.s_per_step * r.steps for r in runs) / steps, steps=steps)
 
 
 def _from_bench(tables: list[Bench], model: str, data: str, precision: str, steps: int, records: list[Measured],
