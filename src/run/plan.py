@@ -100,11 +100,11 @@ def load_records(reports: Path) -> list[Measured]:
             p = json.loads(path.read_text())
             cfg, of_steps = p["config"], int(p["steps"])
             for (device, isa), (steps, secs) in runs_of(p).items():
-                if steps > 0 and secs > 0:  # a CPU's device line names its threads (runinfo.device_name)
+                threads = threads_of(device)  # a CPU's device line names them (runinfo.device_name), a GPU's not
+                if steps > 0 and secs > 0:
                     out.append(Measured(cfg["model"]["name"], cfg["data"]["name"], str(precision_of(cfg)),
                                         secs / steps, machine(device), p.get("cell", path.parent.name),
-                                        threads_of(device) is not None, isa, threads_of(device), steps, of_steps,
-                                        str(path.parent)))
+                                        threads is not None, isa, threads, steps, of_steps, str(path.parent)))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # unreadable or foreign: no evidence
     return out
