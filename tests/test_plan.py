@@ -228,6 +228,21 @@ def test_a_run_on_two_threads_is_projected_by_the_records_and_calibration_on_two
     assert project(**tc, device="AMD EPYC")[1] == "conv.md ×0.22 (calibrated on 2 records)"  # threads unknown: both
 
 
+def test_a_cell_with_records_only_on_other_threads_is_projected_by_a_benchmark_calibrated_on_its_threads(repo):
+    """Two threads against one change a step by more than a whole cell's overhead over the benchmark varies
+    between cells: the cell's one-thread record counts only where no record on two threads calibrates."""
+    two = AMD.replace("1 threads", "2 threads")
+    record(repo, "0-cnn-tc", "cnn", "tc", 40_000, 40_000 * 3.0, precision="bf16-mixed", short=True)  # one thread
+    tc = dict(model="cnn", data="tc", steps=150_000, precision="bf16-mixed", bench=load_bench(repo))
+    records = plan_mod.load_records(repo / "reports")
+    assert project(**tc, records=records, device=two) == (pytest.approx(3.0 * 150_000), "record 0-cnn-tc")
+    record(repo, "1-cnn-r", "cnn", "r", 150_000, 6000, device=two, precision="bf16-mixed")  # 0.04 s on a 0.2 s step
+    records = plan_mod.load_records(repo / "reports")
+    assert project(**tc, records=records, device=two) == (
+        pytest.approx(4.0 * 0.2 * 150_000), "conv.md ×0.20 (calibrated on 1 record)")
+    assert project(**tc, records=records, device=AMD) == (pytest.approx(3.0 * 150_000), "record 0-cnn-tc")
+
+
 def test_a_records_generation_is_known_only_where_every_cpu_segment_recorded_it():
     def segs(*flags, timed=False):  # "old": a segment of older code, without the key
         timing = {"from_step": 0, "to_step": 5, "seconds": 0.5} if timed else {}

@@ -12,8 +12,10 @@ the data stages regenerate it bit-identically.
 A cell's projected time comes, first, from the records of finished cells of the same model and
 distortion (seconds / steps × the cell's steps, for each run of a record on one CPU and thread count, by its
 segments; the median over the records of this CPU model
-and the cell's precision, on as many threads as this run where there are any, else the nearest: another
-CPU, another precision scaled by the benchmark's bf16/fp32 ratio); else from a benchmark table
+and the cell's precision, on as many threads as this run where there are any, else the nearest: a benchmark
+calibrated on this CPU's records on as many threads (two threads against one change a step more than a whole
+cell's overhead varies between cells), then the cell's records on other threads, another CPU, another
+precision scaled by the benchmark's bf16/fp32 ratio); else from a benchmark table
 (reports/bench/conv.md for the CNN family, section 4 of reports/benchmarks.md), calibrated by the records
 that both have (on as many threads, where there are any); else it is unknown. A ``bf16-mixed`` cell
 on a CPU without native bfloat16 (no AMX or AVX512-BF16) runs emulated on float32 kernels, slower
@@ -212,6 +214,11 @@ def project(model: str, data: str, steps: int, precision: str, device: str, reco
                 if (r.precision == precision) == same_prec and on_machine(r, here, isa) == same_dev]
         if not pick:
             continue
+        if same_dev and same_prec and cpu and not any(r.threads == threads for r in pick):
+            found = _from_bench(bench, model, data, precision, steps, records, here, isa, threads=threads,
+                                only_threads=True)
+            if found:  # a benchmark calibrated on this run's thread count before the cell's other-thread records
+                return found
         if same_dev:
             pick = on_threads(pick, threads)
         s, what = _median(pick)
@@ -259,16 +266,19 @@ def _merged(runs: list[Measured]) -> Measured:
 
 def _from_bench(tables: list[Bench], model: str, data: str, precision: str, steps: int, records: list[Measured],
                 here: str, isa: str | None = None, calibration: Bench | None = None,
-                threads: int | None = None) -> tuple[float, str] | None:
+                threads: int | None = None, only_threads: bool = False) -> tuple[float, str] | None:
     """The cell's step time in the first table that has it × steps, calibrated on the records (by the table's own
     rows on this machine's records, or by ``calibration``'s on the records of any CPU of its model name, since
-    which of them ran that table is not known: the overhead of a whole cell over a bare step)."""
+    which of them ran that table is not known: the overhead of a whole cell over a bare step). ``only_threads``:
+    None unless this machine has records on ``threads`` threads to calibrate on."""
     for b in tables:
         row = next((r for r in b.rows if (r.model, r.data, r.precision) == (model, data, precision)), None)
         if row is None:
             continue
         cal = calibration or b
-        factor, n = _calibration(cal.rows, records, here, isa if cal is b else None, threads)
+        factor, n = _calibration(cal.rows, records, here, isa if cal is b else None, threads, only_threads)
+        if only_threads and not n:
+            return None
         by = "" if cal is b else f" of {Path(cal.name).name}"
         what = Path(b.name).name + (f" ×{factor:.2f} (calibrated on {_n(n, 'record')}{by})" if n else " (step only)")
         return row.s_per_step * factor * steps, what
@@ -303,14 +313,15 @@ def _precision_ratio(model, data, have, want, bench) -> float | None:
     return None
 
 
-def _calibration(rows: list[Measured], records: list[Measured], here: str,
-                 isa: str | None = None, threads: int | None = None) -> tuple[float, int]:
+def _calibration(rows: list[Measured], records: list[Measured], here: str, isa: str | None = None,
+                 threads: int | None = None, only_threads: bool = False) -> tuple[float, int]:
     """Median of record / benchmark over the cells both have (this CPU model's records if any, of those the ones
-    on ``threads`` threads if any): the benchmark times one step of an idle or loaded core on one thread, a record
-    the whole cell (data, evaluation, the loop) on its own threads."""
+    on ``threads`` threads if any; ``only_threads``: those or none): the benchmark times one step of an idle or
+    loaded core on one thread, a record the whole cell (data, evaluation, the loop) on its own threads."""
     bench = {(r.model, r.data, r.precision): r.s_per_step for r in rows}
     both = [r for r in records if (r.model, r.data, r.precision) in bench]
-    both = per_cell(on_threads([r for r in both if on_machine(r, here, isa)], threads) or both)
+    mine = [r for r in both if on_machine(r, here, isa)]
+    both = per_cell([r for r in mine if r.threads == threads] if only_threads else on_threads(mine, threads) or both)
     if not both:
         return 1.0, 0
     return statistics.median(r.s_per_step / bench[r.model, r.data, r.precision] for r in both), len(both)
