@@ -47,7 +47,7 @@ def record(root, key: str, model: str, data: str, steps: int, seconds: float, de
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
     """Records and a benchmark in tmp_path, a fake `dvc status` in dvc repro's order, this machine an AMD EPYC
-    with native bfloat16."""
+    of an instruction set the records do not name (so like theirs)."""
     record(tmp_path, "0-fcn-e", "fcn", "e", 150_000, 900)
     record(tmp_path, "2-fcn-e", "fcn", "e", 150_000, 1100)
     record(tmp_path, "1-fcn-e", "fcn", "e", 150_000, 300, device="Intel(R) Xeon(R) Processor (2 cores, 1 threads)")
@@ -70,8 +70,7 @@ def repo(tmp_path, monkeypatch):
     fake = [{"stage": s, "cmd": c, "changes": ch} for s, c, ch in stages]
     monkeypatch.setattr(plan_mod, "repro_stages", lambda root: (fake, {"data/raw", "data/distorted/r"}))
     monkeypatch.setattr(plan_mod, "run_device", lambda accelerator: (AMD, True))
-    monkeypatch.setattr(plan_mod, "native_here", lambda: True)  # like the CPUs of the records
-    monkeypatch.setattr(plan_mod, "isa_here", lambda: None)  # a generation the records do not name
+    monkeypatch.setattr(plan_mod, "isa_here", lambda: None)  # a generation the records do not name: like theirs
     return tmp_path
 
 
@@ -166,17 +165,17 @@ def test_a_bf16_cell_on_a_cpu_without_native_bf16_is_projected_as_emulated_not_a
     (repo / "reports" / "bench" / "conv_no_native_bf16.md").write_text(emulated)
     bench = load_bench(repo)
     assert [b.native for b in bench] == [None, False]
-    native = project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, native=True)
+    native = project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, isa="avx512_bf16")
     assert native[0] == pytest.approx(150_000 * 0.1 * 0.5)  # the fp32 record ×200/400: the emulated table never serves
-    seconds, source = project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, native=False)
+    seconds, source = project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, isa="avx2")
     assert seconds == pytest.approx(150_000 * 3.0 * 0.25)  # the emulated step × the records' overhead on conv.md
     assert source == "conv_no_native_bf16.md ×0.25 (calibrated on 1 record of conv.md), bf16-mixed emulated here"
-    assert project("cnn", "r", 150_000, "32-true", AMD, records, bench, native=False) == (15_000, "record 0-cnn-r")
-    assert project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, native=None)[0] == \
+    assert project("cnn", "r", 150_000, "32-true", AMD, records, bench, isa="avx2") == (15_000, "record 0-cnn-r")
+    assert project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, isa=None)[0] == \
         pytest.approx(150_000 * 0.05)  # this CPU unknown (not x86 Linux): the records hold
-    assert project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench[:1], native=False) == \
+    assert project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench[:1], isa="avx2") == \
         (None, "bf16-mixed emulated here (no native bfloat16), and no benchmark of that")
-    monkeypatch.setattr(plan_mod, "native_here", lambda: False)
+    monkeypatch.setattr(plan_mod, "isa_here", lambda: "avx2")
     cells, others = plan(repo)
     assert [c.stage for c in cells if c.emulated] == ["train@0-cnn-tc", "train@0-st_cnn_tps-p", "short@0-cnn-r"]
     lines = "\n".join(report(cells, others, None)[0])
@@ -188,11 +187,11 @@ def test_a_bf16_record_on_float32_kernels_times_only_cpus_without_native_bf16(re
     record(repo, "1-cnn-r", "cnn", "r", 150_000, 9000, precision="bf16-mixed", cpu_flags=["avx2"])
     (repo / "reports" / "bench" / "conv_no_native_bf16.md").write_text(CONV + "\nNative bfloat16: none (…).\n")
     records, bench = plan_mod.load_records(repo / "reports"), load_bench(repo)
-    assert project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, native=False, isa="avx2") == \
+    assert project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, isa="avx2") == \
         (9000, "record 1-cnn-r, bf16-mixed emulated here")
-    assert project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, native=False, isa="avx512f")[1] \
+    assert project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, isa="avx512f")[1] \
         .startswith("conv_no_native_bf16.md")  # another generation: its benchmark, not that record
-    assert project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, native=True, isa="avx512_bf16") == \
+    assert project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, isa="avx512_bf16") == \
         (pytest.approx(150_000 * 0.1 * 0.5), "record 0-cnn-r at 32-true ×0.50 (bf16-mixed by the benchmark)")
 
 
@@ -307,9 +306,11 @@ def test_cpu_flags_read_proc_cpuinfo_widest_first_and_say_none_where_it_cannot_t
     assert runinfo.cpu_flags() == ["avx512_bf16", "avx512f", "avx2"] and runinfo.native_bf16() == ["avx512_bf16"]
     assert runinfo.widest_isa(runinfo.cpu_flags()) == "avx512_bf16" and runinfo.has_native_bf16(["avx2"]) is False
     info.write_text("flags\t\t: fpu sse sse2\n")
-    assert runinfo.cpu_flags() == [] and runinfo.widest_isa([]) == "below avx2" and plan_mod.native_here() is False
+    assert runinfo.cpu_flags() == [] and runinfo.widest_isa([]) == "below avx2"
+    assert [plan_mod.isa_native(i) for i in ("amx_bf16", "avx512_bf16", "avx512f", "below avx2", "mixed")] == \
+        [True, True, False, False, None]
     info.unlink()
-    assert runinfo.cpu_flags() is None and plan_mod.native_here() is None and runinfo.native_bf16() == []
+    assert runinfo.cpu_flags() is None and plan_mod.isa_here() is None and runinfo.native_bf16() == []
     info.write_text("Features\t: fp asimd\n")
     monkeypatch.setattr(runinfo.platform, "machine", lambda: "aarch64")
     assert runinfo.cpu_flags() is None and plan_mod.isa_here() is None

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from src.config import model_config, precision_of
 from src.run.checkpoints import resumes_at
-from src.runinfo import BF16_FLAGS, REPO, UserError, check_dvc_lock, cpu_flags, has_native_bf16, widest_isa
+from src.runinfo import REPO, UserError, check_dvc_lock, cpu_flags, has_native_bf16, widest_isa
 
 REACH_HOURS = 24.0  # a cell projected beyond this on a CPU: the GPU window or the cluster
 BEYOND = "beyond a CPU's reach: GPU window or cluster"
@@ -154,7 +154,7 @@ class Bench:
     native: bool | None = None
 
 
-def native_of(text: str) -> bool | None:
+def bench_native(text: str) -> bool | None:
     """'Native bfloat16: none (…)' → False, 'Native bfloat16: avx512_bf16.' → True, no such line → None."""
     _, found, rest = text.partition("Native bfloat16: ")
     return None if not found else not rest.startswith("none")
@@ -179,24 +179,23 @@ def load_bench(root: Path) -> list[Bench]:
                     except (KeyError, ValueError):
                         pass
         if rows:
-            out.append(Bench(name, rows, native_of(text)))
+            out.append(Bench(name, rows, bench_native(text)))
     return out
 
 
 # ------------------------------------------------------------------ the projection
 
 def project(model: str, data: str, steps: int, precision: str, device: str, records: list[Measured],
-            bench: list[Bench], cpu: bool = True, native: bool | None = None,
-            isa: str | None = None) -> tuple[float | None, str]:
+            bench: list[Bench], cpu: bool = True, isa: str | None = None) -> tuple[float | None, str]:
     """(seconds, where the number comes from) of one cell of ``steps`` steps on ``device`` (a CPU, or a GPU:
-    only its own records count there); (None, why) if unknown. ``native``: does this CPU have native bfloat16
-    (None: assume the records' CPUs are like it); ``isa``: its widest instruction set, which a record of the
-    same CPU model must share to count as this machine's (None: unknown, any does)."""
+    only its own records count there); (None, why) if unknown. ``isa``: this CPU's widest instruction set,
+    which says whether it has native bfloat16 and which a record of the same CPU model must share to count as
+    this machine's (None: unknown; any record does, and its CPU is assumed like the records')."""
     emulated = [b for b in bench if b.native is False]
     bench = [b for b in bench if b.native is not False]  # the emulated tables serve only the emulated case below
     here, threads = machine(device), threads_of(device)
     records = [r for r in records if r.cpu == cpu and (cpu or r.device == here)]
-    if emulated_bf16(precision, cpu, native):
+    if emulated_bf16(precision, cpu, isa):
         own = [r for r in records if (r.model, r.data, r.precision) == (model, data, precision)
                and ran_emulated(r) and on_machine(r, here, isa)]
         if own:  # this machine's own bf16 records, on float32 kernels as here
@@ -285,19 +284,20 @@ def _from_bench(tables: list[Bench], model: str, data: str, precision: str, step
     return None
 
 
-def emulated_bf16(precision: str, cpu: bool, native: bool | None) -> bool:
+def isa_native(isa: str | None) -> bool | None:
+    """Has a CPU whose widest instruction set is ``isa`` native bfloat16 (AMX or AVX512-BF16, the widest of
+    ``ISA_FLAGS``)? None where unknown."""
+    return None if isa in (None, "mixed") else has_native_bf16([isa])
+
+
+def emulated_bf16(precision: str, cpu: bool, isa: str | None) -> bool:
     """A bf16-mixed cell on a CPU known to lack native bfloat16."""
-    return cpu and precision == BF16 and native is False
+    return cpu and precision == BF16 and isa_native(isa) is False
 
 
 def ran_emulated(r: Measured) -> bool:
     """A bf16-mixed record of a CPU without native bfloat16 (on float32 kernels): it times only such CPUs."""
-    return r.cpu and r.precision == BF16 and r.isa not in (None, "mixed", *BF16_FLAGS)
-
-
-def native_here() -> bool | None:
-    """Has this CPU native bfloat16 (AMX or AVX512-BF16)? None where /proc/cpuinfo cannot say (not x86 Linux)."""
-    return has_native_bf16(cpu_flags())
+    return emulated_bf16(r.precision, r.cpu, r.isa)
 
 
 def isa_here() -> str | None:
@@ -357,7 +357,7 @@ def start_line(cfg, label: str, done: int = 0) -> str:
     try:
         device, cpu = run_device(cfg.trainer.accelerator)
         seconds, _ = project(str(cfg.model.name), str(cfg.data.name), left, precision, device,
-                             load_records(REPO / "reports"), load_bench(REPO), cpu, native_here(), isa_here())
+                             load_records(REPO / "reports"), load_bench(REPO), cpu, isa_here())
     except Exception:  # noqa: BLE001 - a projection never stops a run
         pass
     rest = f"{left} left from step {done}, " if done else ""
@@ -456,7 +456,7 @@ def plan(root: Path = REPO) -> tuple[list[Planned], list[str]]:
     """The cells ``dvc repro`` would train, in its order, each projected (an interrupted one for the steps it
     has left); and the other stages it would run."""
     stages, outs = repro_stages(root)
-    records, bench, native, isa = load_records(root / "reports"), load_bench(root), native_here(), isa_here()
+    records, bench, isa = load_records(root / "reports"), load_bench(root), isa_here()
     cells, others = [], []
     for s in stages:
         runs, code_only = staleness(s["changes"], outs)
@@ -469,9 +469,9 @@ def plan(root: Path = REPO) -> tuple[list[Planned], list[str]]:
         c = stage_cell(s["stage"], s["cmd"])
         c.done = min(resumes_at(argv[len(TRAIN_CMD):], root), c.steps)
         c.seconds, c.source = project(c.model, c.data, c.steps - c.done, c.precision, c.device, records, bench,
-                                      c.cpu, native, isa)
+                                      c.cpu, isa)
         c.code_only = code_only
-        c.emulated = emulated_bf16(c.precision, c.cpu, native)
+        c.emulated = emulated_bf16(c.precision, c.cpu, isa)
         cells.append(c)
     return cells, others
 
