@@ -47,7 +47,7 @@ def record(root, key: str, model: str, data: str, steps: int, seconds: float, de
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
     """Records and a benchmark in tmp_path, a fake `dvc status` in dvc repro's order, this machine an AMD EPYC
-    of an instruction set the records do not name (so like theirs)."""
+    whose instruction set is unknown, like the records'."""
     record(tmp_path, "0-fcn-e", "fcn", "e", 150_000, 900)
     record(tmp_path, "2-fcn-e", "fcn", "e", 150_000, 1100)
     record(tmp_path, "1-fcn-e", "fcn", "e", 150_000, 300, device="Intel(R) Xeon(R) Processor (2 cores, 1 threads)")
@@ -229,16 +229,19 @@ def test_a_run_on_two_threads_is_projected_by_the_records_and_calibration_on_two
 
 def test_a_cell_with_records_only_on_other_threads_is_projected_by_a_benchmark_calibrated_on_its_threads(repo):
     """Two threads against one change a step by more than a whole cell's overhead over the benchmark varies
-    between cells: the cell's one-thread record counts only where no record on two threads calibrates."""
+    between cells: the cell's one-thread record counts only where fewer than three records on two threads
+    calibrate the benchmark."""
     two = AMD.replace("1 threads", "2 threads")
     record(repo, "0-cnn-tc", "cnn", "tc", 40_000, 40_000 * 3.0, precision="bf16-mixed", short=True)  # one thread
     tc = dict(model="cnn", data="tc", steps=150_000, precision="bf16-mixed", bench=load_bench(repo))
-    records = plan_mod.load_records(repo / "reports")
-    assert project(**tc, records=records, device=two) == (pytest.approx(3.0 * 150_000), "record 0-cnn-tc")
-    record(repo, "1-cnn-r", "cnn", "r", 150_000, 6000, device=two, precision="bf16-mixed")  # 0.04 s on a 0.2 s step
+    for key, seconds, precision in [("1-cnn-r", 6000, "bf16-mixed"), ("2-cnn-r", 12_000, "32-true"),
+                                    ("3-cnn-r", 6000, "bf16-mixed")]:
+        records = plan_mod.load_records(repo / "reports")
+        assert project(**tc, records=records, device=two) == (pytest.approx(3.0 * 150_000), "record 0-cnn-tc")
+        record(repo, key, "cnn", "r", 150_000, seconds, device=two, precision=precision)  # 0.2× conv.md's step
     records = plan_mod.load_records(repo / "reports")
     assert project(**tc, records=records, device=two) == (
-        pytest.approx(4.0 * 0.2 * 150_000), "conv.md ×0.20 (calibrated on 1 record)")
+        pytest.approx(4.0 * 0.2 * 150_000), "conv.md ×0.20 (calibrated on 3 records)")
     assert project(**tc, records=records, device=AMD) == (pytest.approx(3.0 * 150_000), "record 0-cnn-tc")
 
 
@@ -307,6 +310,7 @@ def test_cpu_flags_read_proc_cpuinfo_widest_first_and_say_none_where_it_cannot_t
     assert runinfo.widest_isa(runinfo.cpu_flags()) == "avx512_bf16" and runinfo.has_native_bf16(["avx2"]) is False
     info.write_text("flags\t\t: fpu sse sse2\n")
     assert runinfo.cpu_flags() == [] and runinfo.widest_isa([]) == "below avx2"
+    assert runinfo.ISA_FLAGS[:len(runinfo.BF16_FLAGS)] == runinfo.BF16_FLAGS  # so the widest tells native bf16
     assert [plan_mod.isa_native(i) for i in ("amx_bf16", "avx512_bf16", "avx512f", "below avx2", "mixed")] == \
         [True, True, False, False, None]
     info.unlink()

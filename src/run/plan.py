@@ -9,21 +9,21 @@ The cells are the stages whose command runs the training entry point (``TRAIN_CM
 dependency that is missing and that another stage produces (the data of a fresh clone) is no change:
 the data stages regenerate it bit-identically.
 
-A cell's projected time comes, first, from the records of finished cells of the same model and
-distortion (seconds / steps × the cell's steps, for each run of a record on one CPU and thread count, by its
-segments; the median over the records of this CPU model
-and the cell's precision, on as many threads as this run where there are any, else the nearest: a benchmark
-calibrated on this CPU's records on as many threads (two threads against one change a step more than a whole
-cell's overhead varies between cells), then the cell's records on other threads, another CPU, another
-precision scaled by the benchmark's bf16/fp32 ratio); else from a benchmark table
-(reports/bench/conv.md for the CNN family, section 4 of reports/benchmarks.md), calibrated by the records
-that both have (on as many threads, where there are any); else it is unknown. A ``bf16-mixed`` cell
-on a CPU without native bfloat16 (no AMX or AVX512-BF16) runs emulated on float32 kernels, slower
-than the records and the benchmark of a CPU with it: its time is the step of a benchmark table made on such a CPU (its header
-says "Native bfloat16: none"), calibrated by the records as the other tables are, else unknown. Each number
-says where it came from. A cell whose run was interrupted counts only the steps it has left (``src.train``
-resumes it from its checkpoint). A cell projected beyond ``REACH_HOURS`` on a CPU is marked: train it on a
-GPU (docs/operations.md "GPU window") or on a cluster (docs/operations.md "A cluster").
+A cell's projected time comes, first, from the records of finished cells of the same model and distortion
+(seconds / steps × the cell's steps, for each run of a record on one CPU and thread count, by its segments;
+the median over the records of this CPU model and the cell's precision, on as many threads as this run; where
+all of them are on other threads, first a benchmark table calibrated on at least ``CALIBRATION_MIN`` of this
+CPU's records of other cells on as many threads (the thread count moves a step more than a cell's overhead
+varies between cells), then those records; else another CPU's, then another precision's scaled by the
+benchmark's bf16/fp32 ratio); else from a benchmark table (reports/bench/conv.md for the CNN family, section 4
+of reports/benchmarks.md), calibrated by the records that both have (on as many threads, where there are any);
+else it is unknown. A ``bf16-mixed`` cell on a CPU without native bfloat16 (no AMX or AVX512-BF16) runs
+emulated on float32 kernels, slower than the records and the benchmark of a CPU with it: its time is the step
+of a benchmark table made on such a CPU (its header says "Native bfloat16: none"), calibrated by the records
+as the other tables are, else unknown. Each number says where it came from. A cell whose run was interrupted
+counts only the steps it has left (``src.train`` resumes it from its checkpoint). A cell projected beyond
+``REACH_HOURS`` on a CPU is marked: train it on a GPU (docs/operations.md "GPU window") or on a cluster
+(docs/operations.md "A cluster").
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ BENCH_TABLES = (("reports/bench/conv.md", CONV_COLUMNS, 1e-3),
 BF16 = "bf16-mixed"
 TRAIN_CMD = ["python", "-m", "src.train"]  # a stage whose command starts so trains a cell (train, short, sens_*)
 CODE_DEPS = "src/"  # a training-code dependency; src/run/fingerprint.json is the result it must keep
+CALIBRATION_MIN = 3  # records on the run's thread count that make a calibration worth more than the cell's own
 
 
 # ------------------------------------------------------------------ what was measured
@@ -215,7 +216,7 @@ def project(model: str, data: str, steps: int, precision: str, device: str, reco
             continue
         if same_dev and same_prec and cpu and not any(r.threads == threads for r in pick):
             found = _from_bench(bench, model, data, precision, steps, records, here, isa, threads=threads,
-                                only_threads=True)
+                                strict_threads=True)
             if found:  # a benchmark calibrated on this run's thread count before the cell's other-thread records
                 return found
         if same_dev:
@@ -265,18 +266,19 @@ def _merged(runs: list[Measured]) -> Measured:
 
 def _from_bench(tables: list[Bench], model: str, data: str, precision: str, steps: int, records: list[Measured],
                 here: str, isa: str | None = None, calibration: Bench | None = None,
-                threads: int | None = None, only_threads: bool = False) -> tuple[float, str] | None:
+                threads: int | None = None, strict_threads: bool = False) -> tuple[float, str] | None:
     """The cell's step time in the first table that has it × steps, calibrated on the records (by the table's own
     rows on this machine's records, or by ``calibration``'s on the records of any CPU of its model name, since
-    which of them ran that table is not known: the overhead of a whole cell over a bare step). ``only_threads``:
-    None unless this machine has records on ``threads`` threads to calibrate on."""
+    which of them ran that table is not known: the overhead of a whole cell over a bare step). With
+    ``strict_threads``, calibrated only on this machine's records on ``threads`` threads, and None where they are
+    fewer than ``CALIBRATION_MIN``."""
     for b in tables:
         row = next((r for r in b.rows if (r.model, r.data, r.precision) == (model, data, precision)), None)
         if row is None:
             continue
         cal = calibration or b
-        factor, n = _calibration(cal.rows, records, here, isa if cal is b else None, threads, only_threads)
-        if only_threads and not n:
+        factor, n = _calibration(cal.rows, records, here, isa if cal is b else None, threads, strict_threads)
+        if strict_threads and n < CALIBRATION_MIN:
             return None
         by = "" if cal is b else f" of {Path(cal.name).name}"
         what = Path(b.name).name + (f" ×{factor:.2f} (calibrated on {_n(n, 'record')}{by})" if n else " (step only)")
@@ -286,7 +288,7 @@ def _from_bench(tables: list[Bench], model: str, data: str, precision: str, step
 
 def isa_native(isa: str | None) -> bool | None:
     """Has a CPU whose widest instruction set is ``isa`` native bfloat16 (AMX or AVX512-BF16, the widest of
-    ``ISA_FLAGS``)? None where unknown."""
+    ``ISA_FLAGS``)? None where unknown (None, or 'mixed' for a record of several)."""
     return None if isa in (None, "mixed") else has_native_bf16([isa])
 
 
@@ -314,14 +316,18 @@ def _precision_ratio(model, data, have, want, bench) -> float | None:
 
 
 def _calibration(rows: list[Measured], records: list[Measured], here: str, isa: str | None = None,
-                 threads: int | None = None, only_threads: bool = False) -> tuple[float, int]:
+                 threads: int | None = None, strict_threads: bool = False) -> tuple[float, int]:
     """Median of record / benchmark over the cells both have (this CPU model's records if any, of those the ones
-    on ``threads`` threads if any; ``only_threads``: those or none): the benchmark times one step of an idle or
+    on ``threads`` threads if any; with ``strict_threads`` only those): the benchmark times one step of an idle or
     loaded core on one thread, a record the whole cell (data, evaluation, the loop) on its own threads."""
     bench = {(r.model, r.data, r.precision): r.s_per_step for r in rows}
     both = [r for r in records if (r.model, r.data, r.precision) in bench]
     mine = [r for r in both if on_machine(r, here, isa)]
-    both = per_cell([r for r in mine if r.threads == threads] if only_threads else on_threads(mine, threads) or both)
+    if strict_threads:
+        both = [r for r in mine if r.threads == threads]
+    else:
+        both = on_threads(mine, threads) or both
+    both = per_cell(both)
     if not both:
         return 1.0, 0
     return statistics.median(r.s_per_step / bench[r.model, r.data, r.precision] for r in both), len(both)
