@@ -193,6 +193,12 @@ def test_a_bf16_record_on_float32_kernels_times_only_cpus_without_native_bf16(re
         .startswith("conv_no_native_bf16.md")  # another generation: its benchmark, not that record
     assert project("cnn", "r", 150_000, "bf16-mixed", AMD, records, bench, isa="avx512_bf16") == \
         (pytest.approx(150_000 * 0.1 * 0.5), "record 0-cnn-r at 32-true ×0.50 (bf16-mixed by the benchmark)")
+    two = AMD.replace("1 threads", "2 threads")  # and on two threads, its records on two threads
+    record(repo, "2-cnn-r", "cnn", "r", 150_000, 4500, device=two, precision="bf16-mixed", cpu_flags=["avx2"])
+    records = plan_mod.load_records(repo / "reports")
+    for device, seconds, key in [(AMD, 9000, "1-cnn-r"), (two, 4500, "2-cnn-r")]:
+        assert project("cnn", "r", 150_000, "bf16-mixed", device, records, bench, isa="avx2") == \
+            (seconds, f"record {key}, bf16-mixed emulated here")
 
 
 def test_records_of_one_cpu_model_and_another_generation_are_another_machine(repo):

@@ -200,7 +200,7 @@ def project(model: str, data: str, steps: int, precision: str, device: str, reco
         own = [r for r in records if (r.model, r.data, r.precision) == (model, data, precision)
                and ran_emulated(r) and on_machine(r, here, isa)]
         if own:  # this machine's own bf16 records, on float32 kernels as here
-            s, what = _median(own)
+            s, what = _median(on_threads(own, threads))
             return s * steps, what + ", bf16-mixed emulated here"
         # else the records' CPUs had it: this CPU's own benchmark instead
         cal = next((b for b in bench if any((r.model, r.data) == (model, data) for r in b.rows)), None)
