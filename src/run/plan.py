@@ -18,11 +18,12 @@ varies between cells), then those records; else another CPU's, then another prec
 benchmark's bf16/fp32 ratio); else from a benchmark table (reports/bench/conv.md for the CNN family, section 4
 of reports/benchmarks.md), calibrated by the records that both have (on as many threads, where there are any);
 else it is unknown. A ``bf16-mixed`` cell on a CPU without native bfloat16 (no AMX or AVX512-BF16) runs
-emulated on float32 kernels, slower than the records and the benchmark of a CPU with it: its time is the step
-of a benchmark table made on such a CPU (its header says "Native bfloat16: none"), calibrated by the records
-as the other tables are, else unknown. Each number says where it came from. A cell whose run was interrupted
-counts only the steps it has left (``src.train`` resumes it from its checkpoint). A cell projected beyond
-``REACH_HOURS`` on a CPU is marked: train it on a GPU (docs/operations.md "GPU window") or on a cluster
+emulated on float32 kernels, slower than the records and the benchmark of a CPU with it: its time comes from
+the cell's own bf16-mixed records of this machine (on as many threads, where there are any), else from the
+step of a benchmark table made on such a CPU (its header says "Native bfloat16: none"), calibrated by the
+records as the other tables are, else unknown. Each number says where it came from. A cell whose run was
+interrupted counts only the steps it has left (``src.train`` resumes it from its checkpoint). A cell projected
+beyond ``REACH_HOURS`` on a CPU is marked: train it on a GPU (docs/operations.md "GPU window") or on a cluster
 (docs/operations.md "A cluster").
 """
 
